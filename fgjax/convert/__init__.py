@@ -1,0 +1,435 @@
+"""Pretrained-weight import: timm/DeiT `.pth`, `.safetensors`, Google ViT `.npz`, fgjax `.npz`.
+
+    params = fgjax.convert.load_checkpoint(path, "deit_base_distilled_patch16",
+                                           img_size=448, num_classes=200)
+    logits, aux = model.apply({"params": params}, images, train=False)
+
+What happens (the same steps as timm's `checkpoint_filter_fn` and big_vision's `load`):
+1. The file is read with numpy only: `.safetensors` by a small header parser, `.npz` by numpy,
+   `.pth` by `fgjax.convert.pth_reader` (a restricted unpickler of PyTorch's zip format; torch
+   is used only as a fallback for legacy pre-1.6 files). A state dict nested under `"model"`,
+   `"state_dict"` or `"module"` and DDP's `module.` prefix are unwrapped.
+2. The tensors are renamed to fgjax's parameter tree (timm names -> `blocks_{i}/attn/qkv/...`;
+   Google names -> the same, fusing query/key/value into `qkv`).
+3. The position embedding is resampled to the model's token grid (timm-exact antialiased
+   bicubic, prefix tokens kept apart: 2 for DeiT, 1 for ViT).
+4. The heads (`head`, `head_dist`) are re-initialised when the checkpoint's class count differs
+   from `num_classes` (or when the checkpoint has no head).
+5. Everything else must match the model exactly: otherwise a `CheckpointMismatchError` lists the
+   missing keys, the unexpected keys and the shape mismatches.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from fgjax.convert.resample import resample_pos_embed
+
+log = logging.getLogger(__name__)
+
+FGJAX_NPZ_MARKER = "__fgjax_meta__"
+HEAD_NAMES = ("head", "head_dist")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file that cannot be read or does not fit the requested model."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """Keys or shapes of a checkpoint do not match the model."""
+
+
+# ----------------------------------------------------------------------------- file readers
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
+    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "U16": np.uint16, "U32": np.uint32, "U64": np.uint64,
+}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a `.safetensors` file into numpy arrays (bf16 via ml_dtypes, exact)."""
+  import ml_dtypes  # ships with jax
+  path = os.fspath(path)
+  with open(path, "rb") as f:
+    raw = f.read()
+  if len(raw) < 8:
+    raise CheckpointError(f"{path}: too short to be a safetensors file")
+  (header_len,) = struct.unpack("<Q", raw[:8])
+  if header_len > len(raw) - 8:
+    raise CheckpointError(f"{path}: corrupt safetensors header (length {header_len})")
+  try:
+    header = json.loads(raw[8:8 + header_len])
+  except ValueError as e:
+    raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+  data = memoryview(raw)[8 + header_len:]
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    dt = info["dtype"]
+    if dt == "BF16":
+      dtype = ml_dtypes.bfloat16
+    elif dt in _SAFETENSORS_DTYPES:
+      dtype = _SAFETENSORS_DTYPES[dt]
+    else:
+      raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dt}")
+    start, end = info["data_offsets"]
+    if end > len(data):
+      raise CheckpointError(f"{path}: tensor {name!r} extends past the end of the file "
+                            "(truncated download?)")
+    arr = np.frombuffer(data[start:end], dtype=np.dtype(dtype).newbyteorder("<"))
+    out[name] = arr.reshape(info["shape"]).astype(dtype)
+  return out
+
+
+def _unwrap_state_dict(obj: Any, path: str) -> dict[str, np.ndarray]:
+  """Finds the state dict in a torch checkpoint object and strips DDP's `module.` prefix."""
+  if isinstance(obj, Mapping):
+    for key in ("model", "state_dict", "model_state_dict", "module"):
+      if key in obj and isinstance(obj[key], Mapping):
+        obj = obj[key]
+        break
+  if not isinstance(obj, Mapping):
+    raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors), "
+                          f"found {type(obj).__name__}")
+  out = {}
+  for k, v in obj.items():
+    if not isinstance(v, np.ndarray):
+      continue  # metadata such as epoch numbers
+    if k.startswith("module."):
+      k = k[len("module."):]
+    out[k] = v
+  if not out:
+    raise CheckpointError(f"{path}: no tensors found (keys: {list(obj)[:10]})")
+  return out
+
+
+def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a timm/DeiT `.pth`/`.pt`/`.bin` checkpoint into a flat dict of numpy arrays."""
+  from fgjax.convert import pth_reader
+  path = os.fspath(path)
+  try:
+    obj = pth_reader.load_pth(path)
+  except pth_reader.PthFormatError as e:
+    raise CheckpointError(str(e)) from None
+  return _unwrap_state_dict(obj, path)
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  path = os.fspath(path)
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}
+  except (ValueError, OSError) as e:
+    raise CheckpointError(f"{path}: cannot read as .npz: {e}") from None
+
+
+def read_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads any supported checkpoint file into a flat dict name -> numpy array."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+  if os.path.isdir(path):
+    raise CheckpointError(f"{path} is a directory; expected a .pth, .safetensors or .npz file")
+  with open(path, "rb") as f:
+    magic = f.read(8)
+  lower = path.lower()
+  if lower.endswith(".safetensors"):
+    return read_safetensors(path)
+  if lower.endswith(".npz") or (magic[:2] == b"PK" and _is_npz(path)):
+    return read_npz(path)
+  if lower.endswith((".pth", ".pt", ".bin", ".ckpt", ".tar")) or magic[:2] in (b"PK", b"\x80\x02"):
+    return read_pth(path)
+  raise CheckpointError(f"{path}: unknown checkpoint format (expected .pth, .safetensors or "
+                        ".npz)")
+
+
+def _is_npz(path: str) -> bool:
+  import zipfile
+  try:
+    with zipfile.ZipFile(path) as z:
+      return all(n.endswith(".npy") for n in z.namelist())
+  except zipfile.BadZipFile:
+    return False
+
+
+# ----------------------------------------------------------------------------- renaming
+
+
+def _t(x):
+  return np.ascontiguousarray(np.asarray(x).T)
+
+
+def timm_to_fgjax(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+  """Renames a timm ViT/DeiT state dict to flat fgjax names ('a/b/c').
+
+  Returns (params, unexpected_keys).
+  """
+  out: dict[str, np.ndarray] = {}
+  unexpected = []
+  direct = {"cls_token": "cls_token", "dist_token": "dist_token", "pos_embed": "pos_embed",
+            "norm.weight": "norm/scale", "norm.bias": "norm/bias",
+            "patch_embed.proj.bias": "patch_embed/bias"}
+  block_re = re.compile(r"blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+                        r"\.(weight|bias)$")
+  for k, v in sd.items():
+    v = np.asarray(v)
+    if k in direct:
+      out[direct[k]] = v
+    elif k == "patch_embed.proj.weight":
+      out["patch_embed/kernel"] = np.ascontiguousarray(v.transpose(2, 3, 1, 0))
+    elif k in ("head.weight", "head_dist.weight"):
+      out[k.split(".")[0] + "/kernel"] = _t(v)
+    elif k in ("head.bias", "head_dist.bias"):
+      out[k.split(".")[0] + "/bias"] = v
+    elif m := block_re.match(k):
+      i, mod, kind = m.groups()
+      mod = mod.replace(".", "/")
+      if mod.startswith("norm"):
+        out[f"blocks_{i}/{mod}/{'scale' if kind == 'weight' else 'bias'}"] = v
+      else:
+        out[f"blocks_{i}/{mod}/{'kernel' if kind == 'weight' else 'bias'}"] = (
+            _t(v) if kind == "weight" else v)
+    else:
+      unexpected.append(k)
+  return out, unexpected
+
+
+# Google ViT checkpoints (google-research/vision_transformer, augreg, big_vision).
+_IGNORED_GOOGLE = ("pre_logits/",)
+
+
+def google_to_fgjax(npz: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+  """Renames a Google ViT `.npz` (flat '/'-joined keys) to flat fgjax names."""
+  out: dict[str, np.ndarray] = {}
+  unexpected = []
+  blocks: dict[int, dict[str, np.ndarray]] = {}
+  blk_re = re.compile(r"Transformer/encoderblock_(\d+)/(.*)$")
+  for k, v in npz.items():
+    v = np.asarray(v)
+    if k == "embedding/kernel":
+      out["patch_embed/kernel"] = v
+    elif k == "embedding/bias":
+      out["patch_embed/bias"] = v
+    elif k == "cls":
+      out["cls_token"] = v
+    elif k in ("dist", "dist_token"):
+      out["dist_token"] = v
+    elif k == "Transformer/posembed_input/pos_embedding":
+      out["pos_embed"] = v
+    elif k.startswith("Transformer/encoder_norm/"):
+      out["norm/" + k.rsplit("/", 1)[1]] = v
+    elif k.startswith(("head/", "head_dist/")):
+      out[k] = v
+    elif m := blk_re.match(k):
+      blocks.setdefault(int(m.group(1)), {})[m.group(2)] = v
+    elif k.startswith("Transformer/encoderblock/"):
+      raise CheckpointError("this .npz holds scanned (stacked) encoder blocks "
+                            "(big_vision scan=True); export it with scan=False")
+    elif k.startswith(_IGNORED_GOOGLE):
+      log.info("ignoring %s (not used by the fgjax model)", k)
+    else:
+      unexpected.append(k)
+  for i, blk in blocks.items():
+    # Module names carry creation indices that differ between codebases
+    # (LayerNorm_0/MultiHeadDotProductAttention_1/LayerNorm_2/MlpBlock_3 in the original
+    # repository, LayerNorm_0/_1, MultiHeadDotProductAttention_0, MlpBlock_0 in big_vision).
+    norms = sorted({re.match(r"(LayerNorm_\d+)/", n).group(1)
+                    for n in blk if n.startswith("LayerNorm_")}, key=lambda s: int(s[10:]))
+    attn = [n.split("/")[0] for n in blk if n.startswith("MultiHeadDotProductAttention")]
+    mlp = [n.split("/")[0] for n in blk if n.startswith("MlpBlock")]
+    if len(norms) != 2 or not attn or not mlp:
+      unexpected.extend(f"Transformer/encoderblock_{i}/{n}" for n in blk)
+      continue
+    a, m_ = attn[0], mlp[0]
+    p = f"blocks_{i}"
+    for src, dst in zip(norms, ("norm1", "norm2")):
+      out[f"{p}/{dst}/scale"] = blk.pop(f"{src}/scale")
+      out[f"{p}/{dst}/bias"] = blk.pop(f"{src}/bias")
+    q, kk, vv = (blk.pop(f"{a}/{n}/kernel") for n in ("query", "key", "value"))
+    d = q.shape[0]
+    out[f"{p}/attn/qkv/kernel"] = np.concatenate(
+        [q.reshape(d, -1), kk.reshape(d, -1), vv.reshape(d, -1)], axis=1)
+    out[f"{p}/attn/qkv/bias"] = np.concatenate(
+        [blk.pop(f"{a}/{n}/bias").reshape(-1) for n in ("query", "key", "value")])
+    o = blk.pop(f"{a}/out/kernel")
+    out[f"{p}/attn/proj/kernel"] = o.reshape(-1, o.shape[-1])
+    out[f"{p}/attn/proj/bias"] = blk.pop(f"{a}/out/bias")
+    for src, dst in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
+      out[f"{p}/mlp/{dst}/kernel"] = blk.pop(f"{m_}/{src}/kernel")
+      out[f"{p}/mlp/{dst}/bias"] = blk.pop(f"{m_}/{src}/bias")
+    unexpected.extend(f"Transformer/encoderblock_{i}/{n}" for n in blk)
+  return out, unexpected
+
+
+def _detect_and_rename(flat: Mapping[str, np.ndarray], path: str):
+  keys = list(flat)
+  if FGJAX_NPZ_MARKER in flat or any(k.startswith("params/") for k in keys):
+    out = {k[len("params/"):]: v for k, v in flat.items() if k.startswith("params/")}
+    return out, [k for k in keys if not k.startswith("params/") and k != FGJAX_NPZ_MARKER]
+  if any(k.startswith("Transformer/") or k == "embedding/kernel" for k in keys):
+    return google_to_fgjax(flat)
+  if any(k.startswith(("blocks.", "patch_embed.")) for k in keys):
+    return timm_to_fgjax(flat)
+  raise CheckpointError(f"{path}: not a ViT/DeiT checkpoint (no timm 'blocks.*', Google "
+                        f"'Transformer/*' or fgjax 'params/*' keys; first keys: {keys[:8]})")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _num_classes_of(params: Mapping[str, np.ndarray], head: str) -> int | None:
+  k = params.get(f"{head}/kernel")
+  return None if k is None else int(k.shape[-1])
+
+
+def load_checkpoint(path: str | os.PathLike, model_name: str, img_size=224,
+                    num_classes: int = 1000, *, dont_load: Sequence[str] = (),
+                    model_kwargs: Mapping[str, Any] | None = None,
+                    rng: jax.Array | int = 0) -> dict:
+  """Loads pretrained weights for `fgjax.models.create(model_name, num_classes, img_size)`.
+
+  Args:
+    path: `.pth`/`.pt` (timm or DeiT, bare state dict or under "model"), `.safetensors`
+      (timm/Hugging Face) or `.npz` (Google ViT, or written by `python -m fgjax.tools.convert`).
+    model_name: an fgjax model name (see `fgjax.models.available()`).
+    img_size: the model's input size; the position grid is resampled to it.
+    num_classes: classes of the new task; heads are re-initialised if it differs.
+    dont_load: regular expressions of parameter names (e.g. 'head.*') to keep at their fresh
+      initial values instead of loading them.
+    model_kwargs: extra architecture arguments for `create` (e.g. `patch_stride=12`).
+    rng: seed for re-initialised parameters.
+
+  Returns:
+    The params pytree (nested dict of float32 numpy arrays) for `model.apply`.
+  """
+  from fgjax import models
+  path = os.fspath(path)
+  model = models.create(model_name, num_classes=num_classes, img_size=img_size,
+                        **dict(model_kwargs or {}))
+  flat = read_file(path)
+  loaded, unexpected = _detect_and_rename(flat, path)
+  return merge_into_model(model, loaded, unexpected, path=path, dont_load=dont_load, rng=rng)
+
+
+def init_params(model, rng: jax.Array | int = 0) -> dict:
+  """Fresh parameters of `model` (params collection only), computed on the host CPU."""
+  if isinstance(rng, int):
+    rng = jax.random.key(rng)
+  h, w = (model.img_size, model.img_size) if isinstance(model.img_size, int) else model.img_size
+  dummy = jnp.zeros((1, h, w, 3), jnp.float32)
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    variables = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)
+  return jax.tree.map(np.asarray, dict(variables["params"]))
+
+
+def merge_into_model(model, loaded: Mapping[str, np.ndarray], unexpected: Iterable[str] = (),
+                     *, path: str = "<checkpoint>", dont_load: Sequence[str] = (),
+                     rng: jax.Array | int = 0) -> dict:
+  """Fits renamed checkpoint arrays into `model`'s parameter tree (see `load_checkpoint`)."""
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1,) + _hw(model) + (3,)), train=False))
+  target = traverse_util.flatten_dict(dict(shapes["params"]), sep="/")
+  loaded = dict(loaded)
+  unexpected = list(unexpected)
+  prefix = getattr(model, "num_prefix_tokens", 1)
+
+  reinit: set[str] = set()
+  for head in HEAD_NAMES:
+    if f"{head}/kernel" not in target:
+      continue
+    ck = _num_classes_of(loaded, head)
+    want = target[f"{head}/kernel"].shape[-1]
+    if ck != want:
+      if ck is not None:
+        log.info("%s: re-initialising %s (%d classes in the checkpoint, %d wanted)",
+                 path, head, ck, want)
+      loaded.pop(f"{head}/kernel", None)
+      loaded.pop(f"{head}/bias", None)
+      reinit.update({f"{head}/kernel", f"{head}/bias"})
+  # Heads present in the checkpoint but not in the model (e.g. a DeiT head_dist loaded into a
+  # ViT) are unexpected, as are all other leftovers.
+  for k in list(loaded):
+    if k not in target:
+      unexpected.append(k)
+      loaded.pop(k)
+  if "pos_embed" in loaded and "pos_embed" in target:
+    want = target["pos_embed"].shape
+    have = loaded["pos_embed"].shape
+    if have != want:
+      if have[-1] != want[-1]:
+        pass  # width mismatch: reported below
+      else:
+        loaded["pos_embed"] = resample_pos_embed(loaded["pos_embed"], model.grid, prefix)
+        log.info("%s: resampled pos_embed %s -> %s", path, have, want)
+  patterns = [re.compile(p) for p in dont_load]
+  for k in list(loaded):
+    if any(p.fullmatch(k) for p in patterns):
+      loaded.pop(k)
+      reinit.add(k)
+  missing = sorted(k for k in target if k not in loaded and k not in reinit)
+  mismatched = sorted(f"{k}: checkpoint {tuple(loaded[k].shape)} vs model "
+                      f"{tuple(target[k].shape)}"
+                      for k in target if k in loaded and
+                      tuple(loaded[k].shape) != tuple(target[k].shape))
+  if missing or unexpected or mismatched:
+    lines = [f"{path} does not fit model {type(model).__name__}"
+             f"({getattr(model, 'width', '?')} wide, {getattr(model, 'depth', '?')} blocks):"]
+    if missing:
+      lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}"
+                   + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+      lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(sorted(unexpected)[:20])}"
+                   + (" ..." if len(unexpected) > 20 else ""))
+    if mismatched:
+      lines.append(f"  shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:10])}"
+                   + (" ..." if len(mismatched) > 10 else ""))
+    raise CheckpointMismatchError("\n".join(lines))
+  fresh = {}
+  if reinit:
+    fresh = traverse_util.flatten_dict(init_params(model, rng), sep="/")
+  out = {}
+  for k, spec in target.items():
+    v = fresh[k] if k in reinit else loaded[k]
+    out[k] = np.asarray(v, dtype=spec.dtype)
+  return traverse_util.unflatten_dict(out, sep="/")
+
+
+def _hw(model) -> tuple[int, int]:
+  s = model.img_size
+  return (s, s) if isinstance(s, int) else tuple(s)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def save_params_npz(path: str | os.PathLike, params: Mapping, meta: Mapping | None = None):
+  """Writes params as an fgjax `.npz` (keys 'params/<a>/<b>'), loadable by `load_checkpoint`
+  and by a config's `init_from`."""
+  flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, dict(params)), sep="/")
+  arrays = {f"params/{k}": np.asarray(v) for k, v in flat.items()}
+  arrays[FGJAX_NPZ_MARKER] = np.frombuffer(json.dumps(dict(meta or {})).encode(), np.uint8)
+  path = os.fspath(path)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+  """Metadata stored by `save_params_npz` ({} for other files)."""
+  with np.load(os.fspath(path), allow_pickle=False) as f:
+    if FGJAX_NPZ_MARKER not in f.files:
+      return {}
+    return json.loads(f[FGJAX_NPZ_MARKER].tobytes().decode())

@@ -1,0 +1,86 @@
+"""fgjax model zoo: `create(name, num_classes, img_size, **kw)` returns a Flax Linen module.
+
+Every model's `apply({"params": params, ...}, images_nhwc, train=False)` returns
+`(logits, aux)`. Names follow timm (`deit_small_distilled_patch16`, `vit_base_patch16`, ...);
+a trailing resolution suffix such as `_224` is accepted and ignored (the resolution comes from
+`img_size`).
+"""
+from __future__ import annotations
+
+import functools
+import re
+from typing import Callable
+
+import flax.linen as nn
+
+from fgjax.models import vit
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+  def wrap(fn):
+    _REGISTRY[name] = fn
+    return fn
+  return wrap
+
+
+def _vit_factory(variant: str, distilled: bool, patch_size: int = 16):
+  def make(num_classes: int, img_size=224, **kw):
+    args = vit.decode_variant(variant)
+    args["patch_size"] = patch_size
+    args.update(kw)
+    return vit.VisionTransformer(num_classes=num_classes, img_size=img_size,
+                                 distilled=distilled, **args)
+  return make
+
+
+for _size in ("tiny", "small", "base", "large"):
+  register(f"vit_{_size}_patch16")(_vit_factory(_size, distilled=False))
+  register(f"deit_{_size}_patch16")(_vit_factory(_size, distilled=False))
+  register(f"deit_{_size}_distilled_patch16")(_vit_factory(_size, distilled=True))
+register("vit_huge_patch14")(_vit_factory("huge", distilled=False, patch_size=14))
+
+
+def _trs_factory(variant: str):
+  """TRS-DeiT: DeiT with a distillation token and target region selection (spec section 2).
+  Same parameter names as DeiT, so DeiT checkpoints load unchanged; `region_selection=None`
+  turns the module off (plain DeiT)."""
+  base = _vit_factory(variant, distilled=True)
+
+  def make(num_classes: int, img_size=224, **kw):
+    kw.setdefault("region_selection", "trs")
+    return base(num_classes, img_size, **kw)
+  return make
+
+
+for _size in ("tiny", "small", "base"):
+  register(f"trs_deit_{_size}_patch16")(_trs_factory(_size))
+
+
+def available() -> list[str]:
+  """Names accepted by `create`."""
+  return sorted(_REGISTRY)
+
+
+def canonical_name(name: str) -> str:
+  """Strips a timm resolution/tag suffix: 'deit_tiny_distilled_patch16_224.fb_in1k' ->
+  'deit_tiny_distilled_patch16'."""
+  base = name.split(".")[0]
+  if base in _REGISTRY:
+    return base
+  stripped = re.sub(r"_\d+$", "", base)
+  if stripped in _REGISTRY:
+    return stripped
+  raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
+
+
+def create(name: str, num_classes: int, img_size=224, **kw) -> nn.Module:
+  """Builds the model `name` (see `available()`) for `num_classes` classes at `img_size`.
+
+  Extra keyword arguments override the architecture defaults, e.g. `dtype=jnp.bfloat16`,
+  `drop_path_rate=0.1`, `patch_stride=12`.
+  """
+  if num_classes < 1:
+    raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+  return _REGISTRY[canonical_name(name)](num_classes=num_classes, img_size=img_size, **kw)

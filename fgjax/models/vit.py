@@ -1,0 +1,324 @@
+"""Vision Transformer / DeiT backbone in Flax Linen.
+
+Implements ViT (Dosovitskiy et al. 2021) and DeiT with a distillation token (Touvron et al. 2021)
+as in timm's `VisionTransformer` / `VisionTransformerDistilled`, so that timm and DeiT
+checkpoints import with exact logits parity (see `fgjax.convert`):
+
+- patch embedding: conv with kernel `patch_size` and stride `patch_stride` (16 = standard,
+  12 = TransFG's overlapping split, 37x37 tokens at 448), VALID padding;
+- token order `[cls, dist, patch_0 ... patch_{N-1}]` (DeiT) or `[cls, patch...]` (ViT); the
+  learned position embedding (N + prefix rows) is added after concatenating the prefix tokens;
+- pre-norm blocks: LayerNorm (eps 1e-6) -> MHSA -> residual, LayerNorm -> MLP with exact erf GELU
+  -> residual; dropout and stochastic depth (drop-path) are active only under `train=True`;
+- final LayerNorm, `head` on the cls token and `head_dist` on the dist token.
+
+`__call__(images, train=False, return_attention=False)` returns `(logits, aux)`:
+  logits: (B, num_classes). For a distilled model this is `(cls_logits + dist_logits) / 2`
+    in train and eval mode alike (timm's inference output); the per-token logits, which the
+    training losses need, are in `aux`.
+  aux["cls_logits"], aux["dist_logits"] (distilled only),
+  aux["pre_logits"]: the pooled pre-logit features ((cls + dist) / 2 for DeiT, cls for ViT),
+  aux["cls_features"], aux["dist_features"] (distilled only): final normed tokens,
+  aux["tokens"]: the final normed token sequence (B, T, D),
+  aux["attention"] (when `return_attention=True`): list of per-block post-softmax attention
+    probabilities, each (B, heads, T, T) in float32.
+  aux["selected"], aux["rollout"] (with `region_selection`): (B, heads) selected patch
+    indices, 0-based over patches, and the (B, heads, N) rollout scores they maximise. The last
+    block then sees only `[prefix tokens, selected patches]`, so its attention entry is
+    (B, heads, prefix + heads, prefix + heads).
+
+Parameter names (what checkpoints depend on; `tests/test_vit.py` pins them):
+  patch_embed/{kernel,bias}, cls_token, dist_token, pos_embed,
+  blocks_{i}/{norm1, attn/{qkv, proj}, norm2, mlp/{fc1, fc2}}, norm, head, head_dist.
+They mirror timm's state-dict names so that conversion is a transparent rename.
+
+`dtype` is the compute dtype (float32 or bfloat16); parameters are stored in `param_dtype`
+(float32). Softmax and LayerNorm statistics are computed in float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fgjax.models import rollout
+
+Dtype = Any
+
+LN_EPS = 1e-6
+
+# Initialisers as in timm's ViT (`init_weights`): trunc-normal(0.02) for linear layers and
+# embeddings, zeros for biases; the class heads start at zero (big_vision's `head_zeroinit`),
+# which is what fine-tuning from pretrained weights wants.
+_dense_init = nn.initializers.truncated_normal(stddev=0.02)
+_zeros = nn.initializers.zeros
+
+
+def gelu_exact(x):
+  """GELU with the exact erf formulation (timm/PyTorch default; jax's default is tanh)."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def drop_path(x, rate: float, deterministic: bool, rng_module: nn.Module):
+  """Stochastic depth: drops the whole residual branch per sample with probability `rate`."""
+  if deterministic or rate == 0.0:
+    return x
+  keep = 1.0 - rate
+  rng = rng_module.make_rng("dropout")
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (timm `Attention`).
+
+  Returns `(out, probs)`; `probs` (B, heads, T, T, float32) is None unless
+  `return_attention`.
+  """
+  num_heads: int
+  attn_drop_rate: float = 0.0
+  proj_drop_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False, return_attention: bool = False):
+    b, t, d = x.shape
+    if d % self.num_heads:
+      raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
+    head_dim = d // self.num_heads
+    qkv = nn.Dense(3 * d, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=_dense_init, bias_init=_zeros, name="qkv")(x)
+    qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, hd)
+    probs = None
+    use_probs = return_attention or (train and self.attn_drop_rate > 0)
+    if use_probs:
+      scale = head_dim ** -0.5
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+      probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+      weights = nn.Dropout(self.attn_drop_rate)(probs, deterministic=not train)
+      out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v)
+    out = out.reshape(b, t, d)
+    out = nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=_dense_init, bias_init=_zeros, name="proj")(out)
+    out = nn.Dropout(self.proj_drop_rate)(out, deterministic=not train)
+    return out, (probs if return_attention else None)
+
+
+class Mlp(nn.Module):
+  """Two-layer MLP with exact GELU (timm `Mlp`)."""
+  hidden_dim: int
+  drop_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    d = x.shape[-1]
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=_dense_init, bias_init=_zeros, name="fc1")(x)
+    x = gelu_exact(x)
+    x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
+    x = nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=_dense_init, bias_init=_zeros, name="fc2")(x)
+    return nn.Dropout(self.drop_rate)(x, deterministic=not train)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + DropPath(Attn(LN(x))), x + DropPath(MLP(LN(x)))."""
+  num_heads: int
+  mlp_dim: int
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False, return_attention: bool = False):
+    norm = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name=name)
+    y, probs = Attention(self.num_heads, self.attn_drop_rate, self.drop_rate, self.dtype,
+                         self.param_dtype, name="attn")(
+                             norm("norm1")(x), train=train, return_attention=return_attention)
+    x = x + drop_path(y, self.drop_path_rate, not train, self)
+    y = Mlp(self.mlp_dim, self.drop_rate, self.dtype, self.param_dtype, name="mlp")(
+        norm("norm2")(x), train=train)
+    x = x + drop_path(y, self.drop_path_rate, not train, self)
+    return x, probs
+
+
+def grid_size(img_size: int | Sequence[int], patch_size: int, patch_stride: int):
+  """Token grid (rows, cols) of a VALID conv patch embedding; raises for sizes that don't fit."""
+  hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+  out = []
+  for s in hw:
+    if s < patch_size or (s - patch_size) % patch_stride:
+      raise ValueError(
+          f"image size {s} does not divide into patches of {patch_size} with stride "
+          f"{patch_stride}: (size - patch) must be a multiple of the stride "
+          f"(e.g. {patch_size + patch_stride * ((s - patch_size) // patch_stride)})")
+    out.append((s - patch_size) // patch_stride + 1)
+  return tuple(out)
+
+
+class VisionTransformer(nn.Module):
+  """ViT / DeiT classifier. See the module docstring for inputs, outputs and names."""
+  num_classes: int
+  img_size: int | tuple[int, int] = 224
+  patch_size: int = 16
+  patch_stride: Optional[int] = None  # None = patch_size (non-overlapping)
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  distilled: bool = False
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  head_zeroinit: bool = True
+  # Region selection before the last block (TRS-DeiT spec section 2, TransFG section 3):
+  # None = plain ViT/DeiT; "trs" = TRS-DeiT's four rollout vectors; "cls_row" = TransFG's
+  # part selection from the cls row of the rollout.
+  region_selection: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    return 2 if self.distilled else 1
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return grid_size(self.img_size, self.patch_size, self.patch_stride or self.patch_size)
+
+  def embed(self, images, *, train: bool):
+    """Patch embedding + prefix tokens + position embedding -> (B, T, D)."""
+    gh, gw = self.grid
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"expected NHWC images with 3 channels, got shape {images.shape}")
+    stride = self.patch_stride or self.patch_size
+    expect = ((gh - 1) * stride + self.patch_size, (gw - 1) * stride + self.patch_size)
+    if tuple(images.shape[1:3]) != expect:
+      raise ValueError(f"model built for img_size={self.img_size} got images of size "
+                       f"{tuple(images.shape[1:3])}")
+    x = nn.Conv(self.width, (self.patch_size, self.patch_size), strides=(stride, stride),
+                padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=_dense_init, bias_init=_zeros, name="patch_embed")(
+                    images.astype(self.dtype))
+    b = x.shape[0]
+    x = x.reshape(b, gh * gw, self.width)
+    prefix = [self.param("cls_token", _dense_init, (1, 1, self.width), self.param_dtype)]
+    if self.distilled:
+      prefix.append(self.param("dist_token", _dense_init, (1, 1, self.width), self.param_dtype))
+    prefix = [jnp.broadcast_to(p.astype(self.dtype), (b, 1, self.width)) for p in prefix]
+    x = jnp.concatenate(prefix + [x], axis=1)
+    pos = self.param("pos_embed", _dense_init, (1, x.shape[1], self.width), self.param_dtype)
+    x = x + pos.astype(self.dtype)
+    return nn.Dropout(self.drop_rate)(x, deterministic=not train)
+
+  def make_block(self, i: int) -> Block:
+    # Linearly increasing stochastic depth as in timm.
+    dpr = self.drop_path_rate * i / max(self.depth - 1, 1)
+    return Block(self.num_heads, int(self.width * self.mlp_ratio), self.drop_rate,
+                 self.attn_drop_rate, dpr, self.dtype, self.param_dtype, name=f"blocks_{i}")
+
+  def classify(self, x, aux: dict):
+    """Final norm + heads on the prefix tokens of `x`; fills `aux`, returns logits."""
+    x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="norm")(x)
+    head_init = _zeros if self.head_zeroinit else _dense_init
+    dense = lambda name: nn.Dense(self.num_classes, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, kernel_init=head_init,
+                                  bias_init=_zeros, name=name)
+    aux["tokens"] = x
+    cls_feat = x[:, 0]
+    cls_logits = dense("head")(cls_feat).astype(jnp.float32)
+    aux["cls_features"] = cls_feat
+    aux["cls_logits"] = cls_logits
+    if self.distilled:
+      dist_feat = x[:, 1]
+      dist_logits = dense("head_dist")(dist_feat).astype(jnp.float32)
+      aux["dist_features"] = dist_feat
+      aux["dist_logits"] = dist_logits
+      aux["pre_logits"] = (cls_feat + dist_feat) / 2
+      return (cls_logits + dist_logits) / 2
+    aux["pre_logits"] = cls_feat
+    return cls_logits
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False, return_attention: bool = False):
+    if self.region_selection not in (None, "trs", "cls_row"):
+      raise ValueError(f"region_selection must be None, 'trs' or 'cls_row', got "
+                       f"{self.region_selection!r}")
+    x = self.embed(images, train=train)
+    aux: dict[str, Any] = {}
+    attentions = []
+    select = self.region_selection is not None
+    for i in range(self.depth):
+      if select and i == self.depth - 1:
+        x = self.select_regions(x, attentions, aux)
+      need = return_attention or (select and i < self.depth - 1)
+      x, probs = self.make_block(i)(x, train=train, return_attention=need)
+      if need:
+        attentions.append(probs)
+    if return_attention:
+      aux["attention"] = attentions
+    logits = self.classify(x, aux)
+    return logits, aux
+
+  def select_regions(self, x, attentions, aux):
+    """Keeps the prefix tokens and one patch per head (argmax of the rollout score).
+
+    Fills aux["selected"] (B, heads) patch indices (0-based over patches) and
+    aux["rollout"] (B, heads, N) the scores they were chosen from.
+    """
+    if len(attentions) < 1:
+      raise ValueError("region selection needs at least 2 blocks")
+    prefix = self.num_prefix_tokens
+    probs = [jax.lax.stop_gradient(a) for a in attentions]
+    if self.region_selection == "trs":
+      scores = rollout.trs_scores(probs, prefix)
+    else:
+      scores = rollout.cls_row_scores(probs, prefix)
+    selected = rollout.select_per_head(scores)
+    aux["selected"] = selected
+    aux["rollout"] = scores
+    return rollout.gather_tokens(x, selected, prefix)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  width: int
+  depth: int
+  num_heads: int
+  patch_size: int = 16
+  mlp_ratio: float = 4.0
+
+
+VARIANTS = {
+    "tiny": Variant(192, 12, 3),
+    "small": Variant(384, 12, 6),
+    "base": Variant(768, 12, 12),
+    "large": Variant(1024, 24, 16),
+    "huge": Variant(1280, 32, 16, patch_size=14),
+}
+
+
+def decode_variant(variant: str) -> dict:
+  """'base' / 'B/16' / 'S/16' -> keyword arguments of `VisionTransformer`."""
+  short = {"Ti": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"}
+  if "/" in variant:
+    size, patch = variant.split("/")
+    v = VARIANTS[short.get(size, size)]
+    return dict(width=v.width, depth=v.depth, num_heads=v.num_heads, mlp_ratio=v.mlp_ratio,
+                patch_size=int(patch))
+  v = VARIANTS[short.get(variant, variant)]
+  return dict(width=v.width, depth=v.depth, num_heads=v.num_heads, mlp_ratio=v.mlp_ratio,
+              patch_size=v.patch_size)
