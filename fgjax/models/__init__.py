@@ -13,7 +13,7 @@ from typing import Callable
 
 import flax.linen as nn
 
-from fgjax.models import vit
+from fgjax.models import cnn, vit
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -56,6 +56,11 @@ def _trs_factory(variant: str):
 
 for _size in ("tiny", "small", "base"):
   register(f"trs_deit_{_size}_patch16")(_trs_factory(_size))
+
+
+@register("cnn_small")
+def _cnn_small(num_classes: int, img_size=64, **kw):
+  return cnn.SmallCNN(num_classes=num_classes, img_size=img_size, **kw)
 
 
 def available() -> list[str]:

@@ -1,0 +1,64 @@
+"""Shared pieces of fgjax configs (big_vision style: `get_config(arg)` + `parse_arg`)."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults):
+  """'runlocal,variant=B' -> ConfigDict(runlocal=True, variant='B'), typed like `defaults`."""
+  out = ml_collections.ConfigDict(dict(defaults))
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item:
+      continue
+    key, eq, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    default = defaults[key]
+    if not eq:
+      value = True
+    elif isinstance(default, bool):
+      value = value.lower() in ("1", "true", "yes", "y")
+    elif default is not None:
+      value = type(default)(value)
+    out[key] = value
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults every experiment starts from; experiment configs override what they need."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.method = "classifier"
+  c.model = ml_collections.ConfigDict(dict(name="deit_small_distilled_patch16", img_size=224,
+                                           dtype="float32", kwargs={}))
+  c.init_from = ""
+  c.init_dont_load = ()
+  c.data = ml_collections.ConfigDict(dict(
+      name="synthetic", data_dir=None, test_split="test", val_fraction=0.0,
+      resize_size=256, normalize="imagenet", worker_count=0, prefetch=2,
+      skip_bad_images=False, source_kwargs={},
+      augment=dict(flip=True, sharpness=0.0, randaugment=None, autoaugment=False)))
+  c.batch_size = 64
+  c.eval_batch_size = 64
+  c.total_steps = None
+  c.total_epochs = None
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8, momentum=0.9,
+      nesterov=False, clip_norm=0.0, schedule="cosine", warmup_steps=None, warmup_epochs=None,
+      warmup_init_lr_factor=0.0, decay_every_steps=None, decay_every_epochs=None,
+      decay_rate=0.1, end_lr_factor=0.0, backbone_lr_mult=1.0, new_layers=("head.*",)))
+  c.label_smoothing = 0.0
+  c.ema_decay = 0.0
+  c.trs = ml_collections.ConfigDict(dict(alpha=0.5, beta=0.4, contrastive=True))
+  c.teacher = ml_collections.ConfigDict(dict(checkpoint="", predictions="",
+                                             train_first=None))
+  c.log_every_steps = 50
+  c.eval_every_steps = None
+  c.eval_every_epochs = None
+  c.checkpoint_every_steps = None
+  c.checkpoint_every_epochs = None
+  c.keep_checkpoints = 3
+  c.mesh = ml_collections.ConfigDict(dict(data=-1))
+  return c

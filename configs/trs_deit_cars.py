@@ -1,0 +1,17 @@
+r"""TRS-DeiT on Stanford Cars: DeiT-B/16 @ 448, lr 3e-3, alpha 0.5, beta 0.4 (recipe: configs/trs_deit_common.py).
+
+  python run.py --config=configs/trs_deit_cars.py \
+      --config.data.data_dir=/path/to/stanford_cars \
+      --config.init_from=/path/to/deit_base_distilled_patch16_224-df68dfff.pth \
+      --config.teacher.predictions=runs/cal_cars/teacher_predictions.npz \
+      --workdir=runs/trs_deit_cars
+
+Arguments (`--config=configs/trs_deit_cars.py:ARG`): `runlocal` (tiny quick run),
+`variant=small` (DeiT-S), `trs=False` (plain DeiT, region selection off).
+Source of the recipe: the TRS-DeiT paper (shared/seeds/000) via shared/spec/methods.md section 2.
+"""
+from configs.trs_deit_common import trs_deit_config
+
+
+def get_config(arg=None):
+  return trs_deit_config(arg, dataset="stanford_cars", data_dir="data/stanford_cars", lr=3e-3, alpha=0.5)

@@ -1,0 +1,17 @@
+r"""TRS-DeiT on CUB-200-2011: DeiT-B/16 @ 448, lr 3e-3, alpha 0.5, beta 0.4 (recipe: configs/trs_deit_common.py).
+
+  python run.py --config=configs/trs_deit_cub.py \
+      --config.data.data_dir=/path/to/CUB_200_2011 \
+      --config.init_from=/path/to/deit_base_distilled_patch16_224-df68dfff.pth \
+      --config.teacher.predictions=runs/cal_cub/teacher_predictions.npz \
+      --workdir=runs/trs_deit_cub
+
+Arguments (`--config=configs/trs_deit_cub.py:ARG`): `runlocal` (tiny quick run),
+`variant=small` (DeiT-S), `trs=False` (plain DeiT, region selection off).
+Source of the recipe: the TRS-DeiT paper (shared/seeds/000) via shared/spec/methods.md section 2.
+"""
+from configs.trs_deit_common import trs_deit_config
+
+
+def get_config(arg=None):
+  return trs_deit_config(arg, dataset="cub", data_dir="data/CUB_200_2011", lr=3e-3, alpha=0.5)

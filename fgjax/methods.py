@@ -1,0 +1,135 @@
+"""Training methods: what a step optimises and what evaluation reads from the model.
+
+A method turns (params, batch, rng) into a loss. The trainer (`fgjax.train.trainer`) owns
+the rest: sharding, optimizer, checkpoints, evaluation loop.
+
+- `classifier`: cross-entropy on the model's logits (teachers, baselines, plain DeiT).
+- `trs_deit`: TRS-DeiT (spec section 2): hard distillation
+      L_dist = (1 - alpha) CE(head(z_cls), y) + alpha CE(head_dist(z_dist), y_t)
+  plus the contrastive loss on the final cls and dist tokens
+      L_con = (1 - alpha) L_con(z_cls) + alpha L_con(z_dist),   L = L_dist + L_con.
+  y_t = argmax teacher(x): from a frozen teacher run inside the jitted step, from a
+  teacher-prediction file (looked up by example id), or, without a teacher, the ground truth.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from fgjax import losses
+
+log = logging.getLogger(__name__)
+
+
+class Method:
+  """Base class: single loss, single update per step."""
+  name = "base"
+  uses_teacher = False
+
+  def __init__(self, config, model, num_classes: int):
+    self.config = config
+    self.model = model
+    self.num_classes = num_classes
+    self.label_smoothing = float(config.get("label_smoothing", 0.0))
+
+  # Mutable collections the model keeps besides params (e.g. 'batch_stats').
+  mutable: tuple[str, ...] = ()
+
+  def apply_train(self, params, extra_vars, images, rng, **kw):
+    variables = {"params": params, **(extra_vars or {})}
+    if self.mutable:
+      (logits, aux), new_vars = self.model.apply(
+          variables, images, train=True, rngs={"dropout": rng}, mutable=list(self.mutable), **kw)
+      return logits, aux, dict(new_vars)
+    logits, aux = self.model.apply(variables, images, train=True, rngs={"dropout": rng}, **kw)
+    return logits, aux, extra_vars
+
+  def loss(self, params, extra_vars, batch, rng, teacher_labels=None):
+    """Returns (loss, (metrics dict, updated extra vars))."""
+    raise NotImplementedError
+
+  def eval_outputs(self, variables, batch, need_selection: bool = False) -> dict:
+    """Per-example outputs for evaluation: at least {"logits": (B, C)}."""
+    logits, aux = self.model.apply(variables, batch["image"], train=False,
+                                   return_attention=need_selection and
+                                   getattr(self.model, "region_selection", "x") is None)
+    out = {"logits": logits}
+    if need_selection:
+      sel = selection_from_aux(self.model, aux)
+      if sel is not None:
+        out["selected"] = sel
+    return out
+
+
+def selection_from_aux(model, aux) -> jax.Array | None:
+  """Selected patches: the model's own selection, or (for a plain ViT/DeiT) the argmax of the
+  TRS rollout score computed from its attention, for the part-hit metric."""
+  if "selected" in aux:
+    return aux["selected"]
+  if "attention" in aux and len(aux["attention"]) > 1:
+    from fgjax.models import rollout
+    prefix = getattr(model, "num_prefix_tokens", 1)
+    return rollout.select_per_head(rollout.trs_scores(aux["attention"][:-1], prefix))
+  return None
+
+
+class Classifier(Method):
+  name = "classifier"
+
+  def loss(self, params, extra_vars, batch, rng, teacher_labels=None):
+    logits, aux, new_vars = self.apply_train(params, extra_vars, batch["image"], rng)
+    loss = losses.cross_entropy(logits, batch["label"], self.label_smoothing)
+    acc = (jnp.argmax(logits, -1) == batch["label"]).mean()
+    return loss, ({"loss": loss, "ce": loss, "accuracy": acc}, new_vars)
+
+
+class TRSDeiT(Method):
+  """TRS-DeiT's distillation + contrastive objective (works with region selection on or off)."""
+  name = "trs_deit"
+  uses_teacher = True
+
+  def __init__(self, config, model, num_classes):
+    super().__init__(config, model, num_classes)
+    if not getattr(model, "distilled", False):
+      raise ValueError(f"config.method='trs_deit' needs a distilled model (with a dist token); "
+                       f"config.model.name={config.model.name!r} has none")
+    trs = config.get("trs", {})
+    self.alpha = float(trs.get("alpha", 0.5))
+    self.beta = float(trs.get("beta", 0.4))
+    self.contrastive = bool(trs.get("contrastive", True))
+    if not 0.0 <= self.alpha <= 1.0:
+      raise ValueError(f"config.trs.alpha must be in [0, 1], got {self.alpha}")
+
+  def loss(self, params, extra_vars, batch, rng, teacher_labels=None):
+    logits, aux, new_vars = self.apply_train(params, extra_vars, batch["image"], rng)
+    y = batch["label"]
+    y_t = y if teacher_labels is None else teacher_labels
+    a = self.alpha
+    ce_cls = losses.cross_entropy(aux["cls_logits"], y, self.label_smoothing)
+    ce_dist = losses.cross_entropy(aux["dist_logits"], y_t, self.label_smoothing)
+    l_dist = (1 - a) * ce_cls + a * ce_dist
+    metrics = {"ce_cls": ce_cls, "ce_dist": ce_dist}
+    loss = l_dist
+    if self.contrastive:
+      con_cls = losses.contrastive_loss(aux["cls_features"], y, self.beta)
+      con_dist = losses.contrastive_loss(aux["dist_features"], y, self.beta)
+      l_con = (1 - a) * con_cls + a * con_dist
+      loss = loss + l_con
+      metrics["con"] = l_con
+    metrics["loss"] = loss
+    metrics["accuracy"] = (jnp.argmax(logits, -1) == y).mean()
+    metrics["teacher_agreement"] = (y_t == y).mean()
+    return loss, (metrics, new_vars)
+
+
+METHODS: dict[str, type[Method]] = {"classifier": Classifier, "trs_deit": TRSDeiT}
+
+
+def get_method(config, model, num_classes) -> Method:
+  name = config.get("method", "classifier")
+  if name not in METHODS:
+    raise ValueError(f"config.method: unknown method {name!r}; available: {sorted(METHODS)}")
+  return METHODS[name](config, model, num_classes)

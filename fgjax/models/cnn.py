@@ -1,0 +1,44 @@
+"""A small plain CNN (VGG-style stages, no normalisation layers) for CPU demos and tests.
+
+Used as the demo's teacher: a convolutional teacher gives the student the CNN inductive bias
+that DeiT's hard distillation is meant to transfer (Touvron et al. 2021, section 5.1).
+`__call__(images, train=False)` returns `(logits, aux)` with aux["pre_logits"] (pooled
+features) and aux["stages"] (the feature map after each stage).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class SmallCNN(nn.Module):
+  num_classes: int
+  img_size: int = 64
+  widths: Sequence[int] = (32, 64, 128, 256)
+  convs_per_stage: int = 2
+  drop_rate: float = 0.0
+  head_zeroinit: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False, return_attention: bool = False):
+    del return_attention  # no attention maps in a CNN
+    x = images.astype(self.dtype)
+    stages = []
+    for s, w in enumerate(self.widths):
+      for j in range(self.convs_per_stage):
+        x = nn.Conv(w, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=nn.initializers.he_normal(), name=f"stage{s}_conv{j}")(x)
+        x = nn.relu(x)
+      stages.append(x)
+      if s < len(self.widths) - 1:
+        x = nn.max_pool(x, (2, 2), (2, 2))
+    feat = x.mean(axis=(1, 2))
+    feat = nn.Dropout(self.drop_rate)(feat, deterministic=not train)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=nn.initializers.zeros if self.head_zeroinit else
+                      nn.initializers.lecun_normal(), name="head")(feat)
+    return logits.astype(jnp.float32), {"pre_logits": feat, "stages": stages}
