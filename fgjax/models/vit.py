@@ -92,18 +92,20 @@ class Attention(nn.Module):
     head_dim = d // self.num_heads
     qkv = nn.Dense(3 * d, dtype=self.dtype, param_dtype=self.param_dtype,
                    kernel_init=_dense_init, bias_init=_zeros, name="qkv")(x)
-    qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, hd)
+    # (3, B, H, T, hd): the head-major layout is ~2x faster on XLA:CPU than (B, T, H, hd).
+    qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
     probs = None
     use_probs = return_attention or (train and self.attn_drop_rate > 0)
-    if use_probs:
-      scale = head_dim ** -0.5
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+    if not use_probs and jax.default_backend() in ("gpu", "tpu"):
+      # Fused attention (cuDNN flash attention on GPU) where no probabilities are needed.
+      out = jax.nn.dot_product_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
+                                         v.transpose(0, 2, 1, 3))
+    else:
+      logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(head_dim ** -0.5, q.dtype), k)
       probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
       weights = nn.Dropout(self.attn_drop_rate)(probs, deterministic=not train)
-      out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
-    else:
-      out = jax.nn.dot_product_attention(q, k, v)
+      out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v).transpose(0, 2, 1, 3)
     out = out.reshape(b, t, d)
     out = nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype,
                    kernel_init=_dense_init, bias_init=_zeros, name="proj")(out)
