@@ -368,12 +368,11 @@ def merge_into_model(model, loaded: Mapping[str, np.ndarray], unexpected: Iterab
   if "pos_embed" in loaded and "pos_embed" in target:
     want = target["pos_embed"].shape
     have = loaded["pos_embed"].shape
-    if have != want:
-      if have[-1] != want[-1]:
-        pass  # width mismatch: reported below
-      else:
-        loaded["pos_embed"] = resample_pos_embed(loaded["pos_embed"], model.grid, prefix)
-        log.info("%s: resampled pos_embed %s -> %s", path, have, want)
+    ck_prefix = 1 + int("dist_token" in loaded)
+    # Resample only when width and prefix tokens agree; otherwise the mismatch is reported.
+    if have != want and have[-1] == want[-1] and ck_prefix == prefix:
+      loaded["pos_embed"] = resample_pos_embed(loaded["pos_embed"], model.grid, prefix)
+      log.info("%s: resampled pos_embed %s -> %s", path, have, want)
   patterns = [re.compile(p) for p in dont_load]
   for k in list(loaded):
     if any(p.fullmatch(k) for p in patterns):
