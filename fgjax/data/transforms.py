@@ -1,0 +1,240 @@
+"""Image transforms (PIL/numpy, per example, deterministic given an rng).
+
+Train: resize (shorter side to `resize_size`, or the whole image to a square with
+`resize_mode="square"`) -> random crop `image_size` -> horizontal flip (p=0.5) -> random
+sharpness (factor `sharpness`, p=0.5, like torchvision's RandomAdjustSharpness) -> optional
+RandAugment / AutoAugment (ImageNet policy) -> normalise.
+Eval: resize -> centre crop -> normalise.
+
+The resize and the crop are fused: the crop window is mapped back to the source image and only
+the `image_size`^2 output pixels are resampled (`Image.resize(..., box=...)`), which is what
+makes 448-pixel training crops cheap on the host. Boxes (x0, y0, x1, y1 in pixels) follow the
+same geometry (resize, crop, flip) and are clipped to the crop; a box that falls outside becomes
+all -1 (padding).
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalization(kind: str):
+  if kind == "imagenet":
+    return np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
+  if kind in ("half", "0.5", "inception"):
+    return np.full(3, 0.5, np.float32), np.full(3, 0.5, np.float32)
+  raise ValueError(f"config.data.normalize must be 'imagenet' or 'half', got {kind!r}")
+
+
+def normalize_image(img_u8: np.ndarray, kind: str = "imagenet") -> np.ndarray:
+  """uint8 (H, W, 3) -> float32 (x / 255 - mean) / std."""
+  mean, std = normalization(kind)
+  scale = (1.0 / (255.0 * std)).astype(np.float32)
+  offset = (-mean / std).astype(np.float32)
+  out = img_u8.astype(np.float32)
+  out *= scale
+  out += offset
+  return out
+
+
+def _resized_size(w, h, resize_size, mode):
+  if mode == "square":
+    return resize_size, resize_size
+  if mode != "shorter":
+    raise ValueError(f"config.data.resize_mode must be 'shorter' or 'square', got {mode!r}")
+  s = resize_size / min(w, h)
+  return max(int(round(w * s)), resize_size), max(int(round(h * s)), resize_size)
+
+
+def resized_crop(img: Image.Image, resize_size: int, image_size: int, offset, mode="shorter",
+                 resample=Image.BICUBIC):
+  """Resize to `resize_size` then crop `image_size` at `offset` (in resized pixels), fused.
+
+  Returns (crop, (sx, sy, ox, oy)): a source point (x, y) maps to (x * sx - ox, y * sy - oy).
+  """
+  w, h = img.size
+  rw, rh = _resized_size(w, h, resize_size, mode)
+  if image_size > min(rw, rh):
+    raise ValueError(f"image_size {image_size} is larger than the resized image {rw}x{rh} "
+                     f"(config.data.resize_size={resize_size})")
+  sx, sy = rw / w, rh / h
+  ox, oy = offset
+  box = (ox / sx, oy / sy, (ox + image_size) / sx, (oy + image_size) / sy)
+  crop = img.resize((image_size, image_size), resample, box=box,
+                    reducing_gap=None)
+  return crop, (sx, sy, ox, oy)
+
+
+def transform_boxes(boxes: np.ndarray, geom, image_size: int, flip: bool) -> np.ndarray:
+  """Maps (..., 4) boxes through resize+crop(+flip); invalid or outside boxes -> -1."""
+  boxes = np.asarray(boxes, np.float32)
+  if boxes.size == 0:
+    return boxes
+  sx, sy, ox, oy = geom
+  b = boxes.reshape(-1, 4).copy()
+  valid = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+  b[:, [0, 2]] = b[:, [0, 2]] * sx - ox
+  b[:, [1, 3]] = b[:, [1, 3]] * sy - oy
+  b = np.clip(b, 0, image_size)
+  if flip:
+    b[:, [0, 2]] = image_size - b[:, [2, 0]]
+  valid &= (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+  b[~valid] = -1
+  return b.reshape(boxes.shape)
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+_FILL = (128, 128, 128)
+
+
+def _shear_x(img, m, rng):
+  return img.transform(img.size, Image.AFFINE, (1, m, 0, 0, 1, 0), Image.BILINEAR,
+                       fillcolor=_FILL)
+
+
+def _shear_y(img, m, rng):
+  return img.transform(img.size, Image.AFFINE, (1, 0, 0, m, 1, 0), Image.BILINEAR,
+                       fillcolor=_FILL)
+
+
+def _translate_x(img, m, rng):
+  return img.transform(img.size, Image.AFFINE, (1, 0, m * img.size[0], 0, 1, 0),
+                       Image.BILINEAR, fillcolor=_FILL)
+
+
+def _translate_y(img, m, rng):
+  return img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, m * img.size[1]),
+                       Image.BILINEAR, fillcolor=_FILL)
+
+
+def _solarize_add(img, m, rng):
+  a = np.asarray(img).astype(np.int32)
+  return Image.fromarray(np.where(a < 128, np.clip(a + int(m), 0, 255), a).astype(np.uint8))
+
+
+# name -> (fn(img, magnitude_value, rng), magnitude range at level 10, signed)
+_OPS = {
+    "AutoContrast": (lambda img, m, r: ImageOps.autocontrast(img), None, False),
+    "Equalize": (lambda img, m, r: ImageOps.equalize(img), None, False),
+    "Invert": (lambda img, m, r: ImageOps.invert(img), None, False),
+    "Rotate": (lambda img, m, r: img.rotate(m, Image.BILINEAR, fillcolor=_FILL), 30.0, True),
+    "Posterize": (lambda img, m, r: ImageOps.posterize(img, max(1, int(m))), (8, 4), False),
+    "Solarize": (lambda img, m, r: ImageOps.solarize(img, int(m)), (256, 0), False),
+    "SolarizeAdd": (_solarize_add, 110.0, False),
+    "Color": (lambda img, m, r: ImageEnhance.Color(img).enhance(1 + m), 0.9, True),
+    "Contrast": (lambda img, m, r: ImageEnhance.Contrast(img).enhance(1 + m), 0.9, True),
+    "Brightness": (lambda img, m, r: ImageEnhance.Brightness(img).enhance(1 + m), 0.9, True),
+    "Sharpness": (lambda img, m, r: ImageEnhance.Sharpness(img).enhance(1 + m), 0.9, True),
+    "ShearX": (_shear_x, 0.3, True),
+    "ShearY": (_shear_y, 0.3, True),
+    "TranslateX": (_translate_x, 0.45, True),
+    "TranslateY": (_translate_y, 0.45, True),
+}
+_RANDAUGMENT_OPS = ("AutoContrast", "Equalize", "Rotate", "Posterize", "Solarize", "Color",
+                    "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX",
+                    "TranslateY")
+
+# AutoAugment ImageNet policy (Cubuk et al. 2019, appendix): (op, probability, level 0-10).
+AUTOAUGMENT_IMAGENET = (
+    (("Posterize", 0.4, 8), ("Rotate", 0.6, 9)),
+    (("Solarize", 0.6, 5), ("AutoContrast", 0.6, 5)),
+    (("Equalize", 0.8, 8), ("Equalize", 0.6, 3)),
+    (("Posterize", 0.6, 7), ("Posterize", 0.6, 6)),
+    (("Equalize", 0.4, 7), ("Solarize", 0.2, 4)),
+    (("Equalize", 0.4, 4), ("Rotate", 0.8, 8)),
+    (("Solarize", 0.6, 3), ("Equalize", 0.6, 7)),
+    (("Posterize", 0.8, 5), ("Equalize", 1.0, 2)),
+    (("Rotate", 0.2, 3), ("Solarize", 0.6, 8)),
+    (("Equalize", 0.6, 8), ("Posterize", 0.4, 6)),
+    (("Rotate", 0.8, 8), ("Color", 0.4, 0)),
+    (("Rotate", 0.4, 9), ("Equalize", 0.6, 2)),
+    (("Equalize", 0.0, 7), ("Equalize", 0.8, 8)),
+    (("Invert", 0.6, 4), ("Equalize", 1.0, 8)),
+    (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+    (("Rotate", 0.8, 8), ("Color", 1.0, 2)),
+    (("Color", 0.8, 8), ("Solarize", 0.8, 7)),
+    (("Sharpness", 0.4, 7), ("Invert", 0.6, 8)),
+    (("ShearX", 0.6, 5), ("Equalize", 1.0, 9)),
+    (("Color", 0.4, 0), ("Equalize", 0.6, 3)),
+    (("Equalize", 0.4, 7), ("Solarize", 0.2, 4)),
+    (("Solarize", 0.6, 5), ("AutoContrast", 0.6, 5)),
+    (("Invert", 0.6, 4), ("Equalize", 1.0, 8)),
+    (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+    (("Equalize", 0.8, 8), ("Equalize", 0.6, 3)),
+)
+
+
+def _apply_op(img, name, level, rng):
+  fn, rng_spec, signed = _OPS[name]
+  if rng_spec is None:
+    m = 0.0
+  elif isinstance(rng_spec, tuple):  # interpolate from start (level 0) to end (level 10)
+    m = rng_spec[0] + (rng_spec[1] - rng_spec[0]) * level / 10.0
+  else:
+    m = rng_spec * level / 10.0
+  if signed and rng.random() < 0.5:
+    m = -m
+  return fn(img, m, rng)
+
+
+def randaugment(img, rng, num_ops: int = 2, magnitude: float = 9.0):
+  """RandAugment (Cubek et al. 2020): `num_ops` uniformly chosen ops at `magnitude` (0-10)."""
+  for _ in range(num_ops):
+    img = _apply_op(img, _RANDAUGMENT_OPS[int(rng.integers(len(_RANDAUGMENT_OPS)))],
+                    magnitude, rng)
+  return img
+
+
+def autoaugment(img, rng, policy=AUTOAUGMENT_IMAGENET):
+  """AutoAugment: one random sub-policy; each op applied with its probability."""
+  for name, prob, level in policy[int(rng.integers(len(policy)))]:
+    if rng.random() < prob:
+      img = _apply_op(img, name, level, rng)
+  return img
+
+
+# ----------------------------------------------------------------------------- full transforms
+
+
+def train_transform(img: Image.Image, rng: np.random.Generator, *, image_size: int,
+                    resize_size: int, resize_mode: str = "shorter", flip: bool = True,
+                    sharpness: float = 0.0, randaugment_ops: int = 0,
+                    randaugment_magnitude: float = 9.0, autoaugment_policy: bool = False,
+                    normalize_kind: str = "imagenet", boxes: dict | None = None):
+  """Returns (float32 image, transformed boxes dict)."""
+  w, h = img.size
+  rw, rh = _resized_size(w, h, resize_size, resize_mode)
+  ox = int(rng.integers(0, rw - image_size + 1)) if rw > image_size else 0
+  oy = int(rng.integers(0, rh - image_size + 1)) if rh > image_size else 0
+  crop, geom = resized_crop(img, resize_size, image_size, (ox, oy), resize_mode)
+  do_flip = bool(flip and rng.random() < 0.5)
+  if do_flip:
+    crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+  if sharpness and rng.random() < 0.5:
+    crop = ImageEnhance.Sharpness(crop).enhance(sharpness)
+  if autoaugment_policy:
+    crop = autoaugment(crop, rng)
+  if randaugment_ops:
+    crop = randaugment(crop, rng, randaugment_ops, randaugment_magnitude)
+  out_boxes = {k: transform_boxes(v, geom, image_size, do_flip) for k, v in (boxes or {}).items()}
+  return normalize_image(np.asarray(crop, np.uint8), normalize_kind), out_boxes
+
+
+def eval_transform(img, *, image_size: int, resize_size: int, resize_mode: str = "shorter",
+                   normalize: str = "imagenet", boxes: dict | None = None,
+                   return_boxes: bool = False):
+  """Resize + centre crop + normalise. `img` may be a PIL image or a uint8 array."""
+  if isinstance(img, np.ndarray):
+    img = Image.fromarray(img)
+  w, h = img.size
+  rw, rh = _resized_size(w, h, resize_size, resize_mode)
+  offset = ((rw - image_size) // 2, (rh - image_size) // 2)
+  crop, geom = resized_crop(img, resize_size, image_size, offset, resize_mode)
+  out = normalize_image(np.asarray(crop, np.uint8), normalize)
+  if return_boxes:
+    return out, {k: transform_boxes(v, geom, image_size, False) for k, v in (boxes or {}).items()}
+  return out
