@@ -219,8 +219,8 @@ def make_train_step(config, method, tx, schedules, base_rng, teacher_fn):
     out["step"] = step + 1
     out["bad_step"] = jnp.where(finite | (state["bad_step"] >= 0), state["bad_step"], step)
     metrics = dict(metrics)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["param_norm"] = optax.global_norm(params)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["param_norm"] = optax.tree.norm(params)
     metrics["lr"] = schedules["new"](step)
     return out, metrics
 

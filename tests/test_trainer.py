@@ -1,0 +1,217 @@
+"""The trainer: sharded steps, resume, non-finite loss, SIGTERM, teachers, metrics."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from configs import common
+from fgjax import methods as fgmethods
+from fgjax import teachers
+from fgjax.train import logs, optim, trainer
+
+
+def tiny_config(**over):
+  c = common.base_config()
+  c.method = "trs_deit"
+  c.model.name = "trs_deit_tiny_patch16"
+  c.model.img_size = 32
+  c.model.kwargs = dict(patch_size=8, depth=3, width=48, num_heads=3, drop_path_rate=0.1)
+  c.data.name = "synthetic"
+  c.data.resize_size = 36
+  c.data.source_kwargs = dict(num_classes=4, num_examples=48, image_size=40)
+  c.batch_size = 8
+  c.eval_batch_size = 16
+  c.total_steps = 4
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 2
+  c.optim.warmup_steps = 1
+  c.optim.lr = 1e-3
+  for k, v in over.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def _params(workdir, prefer="last"):
+  _, _, _, variables, info = trainer.restore_model(str(workdir), prefer=prefer)
+  return variables, info
+
+
+def _max_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_train_writes_metrics_checkpoints_and_reports(tmp_path):
+  cfg = tiny_config(**{"data.val_fraction": 0.25, "eval_every_steps": 2})
+  result = trainer.train_and_evaluate(cfg, str(tmp_path))
+  assert set(result["test"]) >= {"top1", "top5", "mean_per_class", "num_examples"}
+  assert result["val"] is not None and result["selected"] == "best"
+  rows = logs.read_metrics(str(tmp_path))
+  splits = {r["split"] for r in rows}
+  assert {"train", "val", "test"} <= splits
+  train_rows = [r for r in rows if r["split"] == "train"]
+  assert [r["step"] for r in train_rows] == [2, 4]
+  assert all(np.isfinite(r["loss"]) and r["img_per_s"] > 0 for r in train_rows)
+  assert os.path.isdir(tmp_path / "checkpoints" / "4")
+  assert os.listdir(tmp_path / "tensorboard")
+  assert json.load(open(tmp_path / "final_metrics.json"))["test"]["num_examples"] > 0
+
+
+def test_resume_after_sigterm_equals_uninterrupted(tmp_path, monkeypatch):
+  cfg = lambda: tiny_config(ema_decay=0.9, total_steps=6, checkpoint_every_steps=4)
+  trainer.train_and_evaluate(cfg(), str(tmp_path / "a"))
+  orig = logs.ProgressBar.update
+
+  def update(self, step, info="", force=False):
+    if step == 3 and not getattr(self, "_sent", False):
+      self._sent = True
+      os.kill(os.getpid(), signal.SIGTERM)
+    return orig(self, step, info, force)
+
+  monkeypatch.setattr(logs.ProgressBar, "update", update)
+  out = trainer.train_and_evaluate(cfg(), str(tmp_path / "b"))
+  assert out == {"stopped_at": 3}  # SIGTERM: checkpoint saved, clean return
+  assert os.path.isdir(tmp_path / "b" / "checkpoints" / "3")
+  monkeypatch.setattr(logs.ProgressBar, "update", orig)
+  assert signal.getsignal(signal.SIGTERM) is not None
+  trainer.train_and_evaluate(cfg(), str(tmp_path / "b"))  # resumes at 3
+  va, ia = _params(tmp_path / "a")
+  vb, ib = _params(tmp_path / "b")
+  assert ia["step"] == ib["step"] == 6
+  assert _max_diff(va, vb) <= 1e-6
+
+
+def test_step_on_8_devices_equals_single_device():
+  assert jax.device_count() == 8
+  cfg = tiny_config()
+  from fgjax import models
+  model = models.create(cfg.model.name, 4, 32, **cfg.model.kwargs)
+  method = fgmethods.get_method(cfg, model, 4)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+           "label": rng.integers(0, 4, 8).astype(np.int32),
+           "id": np.arange(8, dtype=np.int32)}
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = trainer.make_mesh(cfg, devices=devices)
+    params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), batch["image"])["params"])
+    tx, schedules = optim.make_optimizer(cfg.optim, params_shape, 10)
+    state = trainer.create_train_state(cfg, model, method, tx, mesh, jax.random.key(0),
+                                       (1, 32, 32, 3))
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    step = jax.jit(trainer.make_train_step(cfg, method, tx, schedules, jax.random.key(1), None),
+                   out_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P())))
+    gbatch = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P("data"))), batch)
+    for _ in range(2):
+      state, metrics = step(state, gbatch, None)
+    assert len(gbatch["image"].sharding.device_set) == len(devices)
+    results.append((jax.device_get(state["params"]), float(metrics["loss"])))
+  assert abs(results[0][1] - results[1][1]) < 1e-5
+  assert _max_diff(results[0][0], results[1][0]) < 1e-5
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  cfg = tiny_config(total_steps=6, log_every_steps=1, checkpoint_every_steps=1)
+  # A learning rate so large that the parameters overflow after the first update.
+  cfg.optim.lr = 1e38
+  cfg.optim.name = "sgd"
+  cfg.optim.momentum = 0.0
+  with pytest.raises(trainer.TrainingError, match=r"non-finite at step (\d+)"):
+    trainer.train_and_evaluate(cfg, str(tmp_path))
+  # Every checkpoint on disk holds finite parameters.
+  steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+  assert steps, "the last good checkpoint must be kept"
+  variables, info = _params(tmp_path)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(variables))
+
+
+def test_teacher_options(tmp_path, caplog):
+  # 1) a teacher run (plain classifier, CNN)
+  tcfg = tiny_config(method="classifier", total_steps=2)
+  tcfg.model.name = "cnn_small"
+  tcfg.model.kwargs = dict(widths=(8, 16))
+  trainer.train_and_evaluate(tcfg, str(tmp_path / "teacher"))
+  # 2) export its predictions
+  from fgjax.train import modes
+  pred_path = modes.export_teacher(str(tmp_path / "teacher"))
+  ids, logits, meta = teachers.load_predictions(pred_path)
+  assert logits.shape == (48, 4) and len(np.unique(ids)) == 48 and meta["model"] == "cnn_small"
+  # 3) student with the online teacher, with the prediction file, and without a teacher
+  for name, over in [("online", {"teacher.checkpoint": str(tmp_path / "teacher")}),
+                     ("offline", {"teacher.predictions": pred_path}),
+                     ("none", {})]:
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fgjax"):
+      res = trainer.train_and_evaluate(tiny_config(total_steps=1, **over), str(tmp_path / name))
+    assert res["test"]["num_examples"] > 0
+    text = caplog.text
+    if name == "none":
+      assert "ground-truth" in text or "ground truth" in text
+    else:
+      assert "teacher: " in text and "none" not in text.split("teacher: ")[1][:10]
+  # A prediction file that lacks training ids is refused, naming the file.
+  np.savez(tmp_path / "bad.npz", ids=ids[:10], logits=logits[:10])
+  with pytest.raises(teachers.TeacherError, match="bad.npz lacks 38"):
+    trainer.train_and_evaluate(tiny_config(**{"teacher.predictions": str(tmp_path / "bad.npz")}),
+                               str(tmp_path / "bad"))
+
+
+def test_summarize_eval_exact():
+  # Fixed predictions (scenic-style fake model): 6 examples, 3 classes, 1 padded row.
+  res = {"mask": np.array([1, 1, 1, 1, 1, 1, 0], bool),
+         "label": np.array([0, 0, 1, 1, 2, 2, 0]),
+         "pred": np.array([0, 1, 1, 1, 0, 2, 0]),
+         "correct5": np.array([1, 1, 1, 1, 0, 1, 1], bool)}
+  out = trainer.summarize_eval(res, 3)
+  assert out["num_examples"] == 6
+  assert out["top1"] == pytest.approx(4 / 6)
+  assert out["top5"] == pytest.approx(5 / 6)
+  assert out["mean_per_class"] == pytest.approx((0.5 + 1.0 + 0.5) / 3)
+
+
+def test_part_hits():
+  # 4x4 grid of 8-px patches; part box covers patch (row 1, col 2) only.
+  sel = jnp.array([[6, 0], [6, 6]])
+  boxes = jnp.array([[[16, 8, 24, 16], [-1, -1, -1, -1]]] * 2, jnp.float32)
+  hit, has = trainer.part_hits(sel, boxes, (4, 4), 8, 8)
+  np.testing.assert_allclose(np.asarray(hit), [0.5, 1.0])
+  assert bool(has.all())
+
+
+def test_get_steps():
+  c = common.base_config()
+  c.total_epochs = 2.5
+  assert trainer.get_steps(c, "total", 10) == 25
+  c.total_steps = 3
+  with pytest.raises(ValueError, match="only one of total_steps"):
+    trainer.get_steps(c, "total", 10)
+
+
+def test_optimizer_groups_and_schedules():
+  import ml_collections
+  params = {"blocks_0": {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}, "head": {"kernel": jnp.ones((2, 3))}}
+  cfg = ml_collections.ConfigDict(dict(name="sgd", lr=1.0, backbone_lr_mult=0.1, momentum=0.0,
+                                       weight_decay=0.0, schedule="step", warmup_steps=2,
+                                       decay_every_steps=4, decay_rate=0.5,
+                                       new_layers=("head/.*",)))
+  tx, sched = optim.make_optimizer(cfg, params, total_steps=20)
+  assert float(sched["new"](1)) == pytest.approx(0.5)      # warm-up
+  assert float(sched["new"](2)) == pytest.approx(1.0)
+  assert float(sched["new"](2 + 4)) == pytest.approx(0.5)  # one decay
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # At step 0 the warm-up factor is 0; use step 2's rates via a fresh chain at count 2.
+  state = tx.init(params)
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+  assert float(updates["head"]["kernel"][0, 0]) == pytest.approx(-1.0)
+  assert float(updates["blocks_0"]["w"][0, 0]) == pytest.approx(-0.1)
