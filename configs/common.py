@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name="synthetic", data_dir=None, test_split="test", val_fraction=0.0,
       resize_size=256, normalize="imagenet", worker_count=0, prefetch=2,
-      skip_bad_images=False, source_kwargs={},
+      skip_bad_images=False, source_kwargs={}, split_kwargs={},
       augment=dict(flip=True, sharpness=0.0, randaugment=None, autoaugment=False)))
   c.batch_size = 64
   c.eval_batch_size = 64
@@ -60,5 +60,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = None
   c.checkpoint_every_epochs = None
   c.keep_checkpoints = 3
+  c.visualize_examples = 0  # region PNGs of the first N test images after training
   c.mesh = ml_collections.ConfigDict(dict(data=-1))
   return c

@@ -1,22 +1,30 @@
 """Datasets and input pipelines.
 
     source = fgjax.data.get_source("cub", "train", data_dir="/data/CUB_200_2011")
-    loader = fgjax.data.make_train_loader(source, global_batch_size=16, image_size=448,
+    train, val = fgjax.data.split_train_val(source, val_fraction=0.1, seed=0)
+    loader = fgjax.data.make_train_loader(train, global_batch_size=16, image_size=448,
                                           resize_size=512, seed=0)
-    batch = next(loader)                 # per-process numpy batch
-    gbatch = fgjax.data.to_global_batch(batch, mesh)
+    batch = next(loader)                       # this process's numpy batch
+    gbatch = fgjax.data.to_global_batch(batch, mesh)   # global jax.Arrays
+    state = loader.get_state()                 # JSON-serialisable; loader.set_state(state)
 
-See `sources` (dataset layouts), `synthetic` (the synthetic fine-grained dataset), `transforms`
-and `pipeline` (grain, sharding, resume).
+Modules: `sources` (dataset layouts, errors), `images` (decoding to RGB uint8), `synthetic`
+(the synthetic fine-grained birds), `transforms` (crops, flips, sharpness, RandAugment /
+AutoAugment, normalisation, boxes) and `pipeline` (grain loaders, sharding, resume).
+docs/datasets.md describes the folder layouts and options.
 """
 from fgjax.data.images import BadImageError, load_image, open_image
-from fgjax.data.pipeline import Loader, make_eval_loader, make_train_loader, to_global_batch
-from fgjax.data.sources import (DatasetError, DatasetNotFoundError, FileSource, Source,
-                                SubsetSource, get_source, split_train_val)
-from fgjax.data.transforms import eval_transform, normalize_image
+from fgjax.data.pipeline import (EvalLoader, Loader, make_eval_loader, make_train_loader,
+                                 to_global_batch)
+from fgjax.data.sources import (DATASETS, DatasetError, DatasetNotFoundError, FileSource, Source,
+                                SubsetSource, TfdsSource, get_source, split_train_val)
+from fgjax.data.synthetic import SyntheticSource
+from fgjax.data.transforms import Normalizer, eval_transform, normalize_image, train_transform
 
 __all__ = [
-    "BadImageError", "DatasetError", "DatasetNotFoundError", "FileSource", "Loader", "Source",
-    "SubsetSource", "eval_transform", "get_source", "load_image", "make_eval_loader",
+    "BadImageError", "DATASETS", "DatasetError", "DatasetNotFoundError", "EvalLoader",
+    "FileSource", "Loader", "Normalizer", "Source", "SubsetSource", "SyntheticSource",
+    "TfdsSource", "eval_transform", "get_source", "load_image", "make_eval_loader",
     "make_train_loader", "normalize_image", "open_image", "split_train_val", "to_global_batch",
+    "train_transform",
 ]

@@ -1,24 +1,38 @@
 """Input pipelines on grain: sharded per process, deterministic, resumable.
 
 Train (`make_train_loader`): the example stream is a seeded shuffle of the whole training set,
-reshuffled every epoch and repeated forever; each example's augmentation rng is derived from
-(seed, position in that global stream). Global batch b is positions [b*G, (b+1)*G); process p of
-P keeps the positions congruent to p modulo P. So every process reads only its own examples, the
-processes' batches are disjoint and together form exactly the global batch a single process
-would build, and augmentations do not depend on the number of processes.
-The iterator's `get_state()` / `set_state()` (JSON-serialisable) resume exactly.
+reshuffled every epoch and repeated forever (grain `MapDataset.shuffle().repeat()`); each
+example's augmentation rng comes from grain's per-record rng (`random_map`), i.e. from
+(seed, position in that global stream), which fixes (seed, epoch, index). Global batch b is the
+stream positions [b*G, (b+1)*G); process p of P keeps the positions congruent to p modulo P.
+So every process reads only its own examples, the processes' batches are disjoint and together
+hold exactly the global batch a single process would build, and the augmentations do not
+depend on the number of processes or workers. Batches are whole grain elements, so worker
+processes (`worker_count`, grain `mp_prefetch`) each build whole batches and the output is the
+same for any worker count. The loader's `get_state()` / `set_state()` (grain iterator state, a
+JSON-serialisable dict) resume exactly: a restored loader yields the batches an uninterrupted
+one would have.
 
-Eval (`make_eval_loader`): one pass in order; the last global batch is padded with copies of
-example 0 and a boolean `mask` marks real examples, so every example is seen exactly once and all
-processes yield the same number of batches (as multi-host jit requires).
+Eval (`make_eval_loader`): one pass in order; the last global batch is padded (with copies of
+example 0) and a boolean `mask` marks the real examples, so every example is seen exactly once
+and every process yields the same number of batches (as multi-host jit requires). Process p
+gets rows [p*L, (p+1)*L) of each global batch.
 
-Batches are dicts of numpy arrays: image float32 (local_batch, S, S, 3) normalised, label int32,
-id int32, the source's boxes (object_box (4,), part_boxes (P, 4); -1 = none), and mask (eval).
-`to_global_batch` assembles the global `jax.Array` with `jax.make_array_from_process_local_data`.
+Batches are dicts of numpy arrays (L = global_batch_size / process count):
+  image       float32 (L, S, S, 3), normalised
+  label, id   int32 (L,)
+  object_box  float32 (L, 4) x0, y0, x1, y1 in output pixels; -1 where the dataset has none or
+              the box left the crop
+  part_boxes  float32 (L, P, 4), when the source has part boxes (or `max_parts` is set):
+              padded to P with -1 rows
+  mask        bool (L,), eval only
+Text and file names stay out of batches. `to_global_batch` assembles global `jax.Array`s with
+`jax.make_array_from_process_local_data`.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import grain
@@ -29,65 +43,98 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fgjax.data import transforms
 from fgjax.data.sources import Source
 
+BOX_KEYS = ("object_box", "part_boxes")
+
 
 def _process_shard(shard_index, shard_count):
-  if shard_index is None:
-    shard_index = jax.process_index()
-  if shard_count is None:
-    shard_count = jax.process_count()
-  if not 0 <= shard_index < shard_count:
+  if shard_index is None and shard_count is None:
+    return jax.process_index(), jax.process_count()
+  if shard_index is None or shard_count is None:
+    raise ValueError("pass both shard_index and shard_count, or neither")
+  if not 0 <= int(shard_index) < int(shard_count):
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
-  return shard_index, shard_count
+  return int(shard_index), int(shard_count)
 
 
-def _record(source: Source, rec: dict, img_f32: np.ndarray, boxes: dict) -> dict:
-  out = {"image": img_f32, "label": np.int32(rec["label"]), "id": np.int32(rec["id"])}
-  for key, shape in source.box_shapes.items():
-    b = boxes.get(key)
-    out[key] = np.full(shape, -1, np.float32) if b is None else np.asarray(b, np.float32)
+def _box_layout(source: Source, max_parts: int | None) -> int | None:
+  """Number of part-box rows in batches (None: no part_boxes key)."""
+  shape = source.box_shapes.get("part_boxes")
+  if max_parts is not None:
+    if shape is not None and shape[0] > max_parts:
+      raise ValueError(f"max_parts={max_parts} < the source's {shape[0]} part boxes")
+    return int(max_parts)
+  return None if shape is None else int(shape[0])
+
+
+def _pad_parts(b, n: int) -> np.ndarray:
+  out = np.full((n, 4), -1, np.float32)
+  if b is not None:
+    b = np.asarray(b, np.float32).reshape(-1, 4)[:n]
+    out[:len(b)] = b
   return out
 
 
-class TrainExample:
-  """index, rng -> augmented, normalised example (a picklable callable for grain workers)."""
+class _Example:
+  """Shared record building: image, label, id, boxes (a picklable callable for workers)."""
 
-  def __init__(self, source: Source, image_size: int, resize_size: int, **options):
-    self.source, self.image_size, self.resize_size = source, image_size, resize_size
-    self.options = options
+  def __init__(self, source: Source, image_size: int, resize_size: int, resize_mode: str,
+               normalize: str, num_parts: int | None):
+    self.source = source
+    self.image_size, self.resize_size, self.resize_mode = image_size, resize_size, resize_mode
+    self.normalizer = transforms.Normalizer(normalize)
+    self.num_parts = num_parts
+
+  def _boxes_in(self, rec) -> dict:
+    return {k: rec[k] for k in BOX_KEYS if rec.get(k) is not None}
+
+  def _record(self, rec: dict, image: np.ndarray, boxes: dict) -> dict:
+    out = {"image": image, "label": np.int32(rec["label"]), "id": np.int32(rec["id"])}
+    ob = boxes.get("object_box")
+    out["object_box"] = np.full(4, -1, np.float32) if ob is None else \
+        np.asarray(ob, np.float32).reshape(4)
+    if self.num_parts is not None:
+      out["part_boxes"] = _pad_parts(boxes.get("part_boxes"), self.num_parts)
+    return out
+
+
+class TrainExample(_Example):
+  """(index, rng) -> augmented, normalised example: grain `random_map` transform."""
+
+  def __init__(self, source, image_size, resize_size, resize_mode, normalize, num_parts,
+               **augment):
+    super().__init__(source, image_size, resize_size, resize_mode, normalize, num_parts)
+    self.augment = augment
 
   def __call__(self, index, rng: np.random.Generator):
     img, rec = self.source.get(int(index), min_size=self.resize_size)
-    boxes = {k: rec[k] for k in self.source.box_shapes if k in rec}
-    image, boxes = transforms.train_transform(img, rng, image_size=self.image_size,
-                                              resize_size=self.resize_size, boxes=boxes,
-                                              **self.options)
-    return _record(self.source, rec, image, boxes)
+    u8, boxes = transforms.train_crop(img, rng, image_size=self.image_size,
+                                      resize_size=self.resize_size,
+                                      resize_mode=self.resize_mode,
+                                      boxes=self._boxes_in(rec), **self.augment)
+    return self._record(rec, self.normalizer(u8), boxes)
 
 
-class EvalExample:
-  """global position -> example (position >= len(source): padding with mask False)."""
-
-  def __init__(self, source: Source, image_size: int, resize_size: int, resize_mode: str,
-               normalize: str):
-    self.source, self.image_size, self.resize_size = source, image_size, resize_size
-    self.resize_mode, self.normalize = resize_mode, normalize
+class EvalExample(_Example):
+  """Global position -> example; positions >= len(source) are padding (mask False)."""
 
   def __call__(self, position):
-    real = position < len(self.source)
+    real = int(position) < len(self.source)
     img, rec = self.source.get(int(position) if real else 0, min_size=self.resize_size)
-    boxes = {k: rec[k] for k in self.source.box_shapes if k in rec}
-    image, boxes = transforms.eval_transform(img, image_size=self.image_size,
-                                             resize_size=self.resize_size,
-                                             resize_mode=self.resize_mode,
-                                             normalize=self.normalize, boxes=boxes,
-                                             return_boxes=True)
-    out = _record(self.source, rec, image, boxes)
+    u8, boxes = transforms.eval_crop(img, image_size=self.image_size,
+                                     resize_size=self.resize_size, resize_mode=self.resize_mode,
+                                     boxes=self._boxes_in(rec))
+    out = self._record(rec, self.normalizer(u8), boxes)
     out["mask"] = np.bool_(real)
     return out
 
 
 class Loader:
-  """A resumable iterator over per-process batches (wraps a grain dataset iterator)."""
+  """Iterator over per-process batches (wraps a grain dataset iterator).
+
+  `get_state()` returns the grain iterator state (a JSON-serialisable dict); `set_state(s)`
+  on a loader built with the same arguments continues exactly from there. Call `close()` (or
+  use `with`) to stop worker processes early.
+  """
 
   def __init__(self, dataset: grain.IterDataset, num_batches: int | None = None):
     self._dataset = dataset
@@ -108,86 +155,176 @@ class Loader:
   def get_state(self) -> dict:
     return self._iter.get_state()
 
-  def set_state(self, state: dict):
+  def set_state(self, state: dict | bytes | str):
+    if isinstance(state, (bytes, str)):
+      import json
+      state = json.loads(state)
     self._iter.set_state(state)
 
+  def close(self):
+    close = getattr(self._iter, "close", None)
+    if close is not None:
+      close()
 
-def _read_options(prefetch: int, threads: int | None):
-  return grain.ReadOptions(num_threads=threads if threads is not None else 8,
-                           prefetch_buffer_size=max(int(prefetch), 1) * 8)
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
 
 
-def _finish(ds: grain.MapDataset, worker_count: int, prefetch: int, threads) -> grain.IterDataset:
-  it = ds.to_iter_dataset(_read_options(prefetch, threads))
-  if worker_count and worker_count > 0:
+class EvalLoader(Loader):
+  """A finite loader; iterating it again (`iter(loader)`) starts a fresh pass."""
+
+  def __init__(self, dataset, num_batches):
+    super().__init__(dataset, num_batches)
+    self._started = False
+
+  def __iter__(self):
+    if self._started:
+      self.close()
+      self._iter = iter(self._dataset)
+    self._started = True
+    return self
+
+  def __next__(self):
+    self._started = True
+    return next(self._iter)
+
+
+def _finish(ds: grain.MapDataset, worker_count: int, prefetch: int,
+            threads: int | None) -> grain.IterDataset:
+  if threads is None:
+    threads = min(4, os.cpu_count() or 1)
+  prefetch = max(int(prefetch), 1)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(threads),
+                                            prefetch_buffer_size=max(prefetch, int(threads))))
+  if worker_count and int(worker_count) > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count),
-                                                     per_worker_buffer_size=max(prefetch, 1)))
+                                                     per_worker_buffer_size=prefetch))
   return it
+
+
+def _parse_randaugment(randaugment) -> tuple[int, float]:
+  """None/0/False -> (0, 9); int N -> (N, 9); "N,M" / "rand-mM-nN" / (N, M) -> (N, M)."""
+  if not randaugment:
+    return 0, 9.0
+  if isinstance(randaugment, bool):
+    return 2, 9.0
+  if isinstance(randaugment, str):
+    s = randaugment.strip().lower()
+    if s.startswith("rand"):
+      n, m = 2, 9.0
+      for part in s.split("-")[1:]:
+        if part.startswith("n"):
+          n = int(part[1:])
+        elif part.startswith("m"):
+          m = float(part[1:])
+      return n, m
+    parts = s.split(",")
+    return int(parts[0]), float(parts[1]) if len(parts) > 1 else 9.0
+  if isinstance(randaugment, (tuple, list)):
+    return int(randaugment[0]), float(randaugment[1]) if len(randaugment) > 1 else 9.0
+  return int(randaugment), 9.0
+
+
+def _check_sizes(source, global_batch_size, shard_count, image_size, resize_size, resize_mode,
+                 what):
+  if len(source) == 0:
+    raise ValueError(f"{source!r} is empty")
+  if int(global_batch_size) <= 0 or int(global_batch_size) % shard_count:
+    raise ValueError(f"{what} batch size {global_batch_size} is not a positive multiple of the "
+                     f"{shard_count} processes")
+  if resize_mode not in ("shorter", "square"):
+    raise ValueError(f"resize_mode must be 'shorter' or 'square', got {resize_mode!r}")
+  if int(resize_size) < int(image_size):
+    raise ValueError(f"resize_size {resize_size} < image_size {image_size}: the crop would not "
+                     f"fit (config.data.resize_size)")
 
 
 def make_train_loader(source: Source, *, global_batch_size: int, image_size: int,
                       resize_size: int | None = None, seed: int = 0, normalize: str = "imagenet",
-                      resize_mode: str = "shorter", flip: bool = True, sharpness: float = 0.0,
-                      randaugment: Any = None, autoaugment: bool = False, worker_count: int = 0,
-                      prefetch: int = 2, threads: int | None = None,
-                      shard_index: int | None = None, shard_count: int | None = None) -> Loader:
-  """Infinite, shuffled, augmented per-process batches of `global_batch_size / shard_count`.
+                      resize_mode: str = "shorter", square_resize: bool = False,
+                      flip: bool = True, sharpness: float = 0.0, sharpness_p: float = 0.5,
+                      randaugment: Any = None, autoaugment: Any = False,
+                      max_parts: int | None = None, worker_count: int = 0, prefetch: int = 2,
+                      threads: int | None = None, shard_index: int | None = None,
+                      shard_count: int | None = None) -> Loader:
+  """Infinite, reshuffled, augmented per-process batches of global_batch_size / shard_count.
 
-  `randaugment`: None/0, an int (number of ops at magnitude 9) or "N,M" / (N, M).
+  Transform: resize (shorter side to `resize_size`, default image_size * 8 / 7; or the whole
+  image to resize_size^2 with `resize_mode="square"` / `square_resize=True`) -> random crop
+  `image_size` -> horizontal flip (p=0.5, `flip`) -> sharpness (factor `sharpness`, p =
+  `sharpness_p`; 0 = off) -> AutoAugment ImageNet policy (`autoaugment=True`) -> RandAugment
+  (`randaugment`: N ops at magnitude 9, "N,M", "rand-m9-n2" or (N, M)) -> normalise
+  (`normalize`: "imagenet" mean/std or "half": 0.5/0.5).
+  `shard_index` / `shard_count` default to jax.process_index() / jax.process_count().
+  `worker_count` > 0 builds batches in that many grain worker processes; `threads` threads per
+  process (default min(4, cores)); `prefetch` batches buffered.
   """
   shard_index, shard_count = _process_shard(shard_index, shard_count)
-  if global_batch_size % shard_count:
-    raise ValueError(f"batch_size {global_batch_size} is not divisible by the {shard_count} "
-                     f"processes")
-  if len(source) == 0:
-    raise ValueError(f"{source!r} is empty")
-  ra_ops, ra_mag = 0, 9.0
-  if randaugment:
-    if isinstance(randaugment, str):
-      parts = randaugment.split(",")
-      ra_ops, ra_mag = int(parts[0]), float(parts[1]) if len(parts) > 1 else 9.0
-    elif isinstance(randaugment, (tuple, list)):
-      ra_ops, ra_mag = int(randaugment[0]), float(randaugment[1])
-    else:
-      ra_ops = int(randaugment)
-  fn = TrainExample(source, image_size, int(resize_size or image_size), resize_mode=resize_mode,
-                    flip=flip, sharpness=float(sharpness or 0.0), randaugment_ops=ra_ops,
-                    randaugment_magnitude=ra_mag, autoaugment_policy=bool(autoaugment),
-                    normalize_kind=normalize)
+  image_size = int(image_size)
+  resize_size = int(resize_size or round(image_size * 8 / 7))
+  resize_mode = "square" if square_resize else resize_mode
+  _check_sizes(source, global_batch_size, shard_count, image_size, resize_size, resize_mode,
+               "train")
+  ra_ops, ra_mag = _parse_randaugment(randaugment)
+  fn = TrainExample(source, image_size, resize_size, resize_mode, normalize,
+                    _box_layout(source, max_parts), flip=bool(flip),
+                    sharpness=float(sharpness or 0.0), sharpness_p=float(sharpness_p),
+                    randaugment_ops=ra_ops, randaugment_magnitude=ra_mag,
+                    autoaugment=bool(autoaugment))
   ds = grain.MapDataset.range(len(source)).seed(int(seed)).shuffle().repeat()
   ds = ds.random_map(fn)
   if shard_count > 1:
     ds = ds[shard_index::shard_count]
-  ds = ds.batch(global_batch_size // shard_count, drop_remainder=True)
+  ds = ds.batch(int(global_batch_size) // shard_count, drop_remainder=True)
   return Loader(_finish(ds, worker_count, prefetch, threads))
 
 
 def make_eval_loader(source: Source, *, global_batch_size: int, image_size: int,
                      resize_size: int | None = None, normalize: str = "imagenet",
-                     resize_mode: str = "shorter", worker_count: int = 0, prefetch: int = 2,
+                     resize_mode: str = "shorter", square_resize: bool = False,
+                     max_parts: int | None = None, worker_count: int = 0, prefetch: int = 2,
                      threads: int | None = None, shard_index: int | None = None,
-                     shard_count: int | None = None, **unused) -> Loader:
-  """One ordered pass; padded last batch with a `mask` (see the module docstring)."""
+                     shard_count: int | None = None, **unused_augment) -> EvalLoader:
+  """One ordered pass of resize + centre crop + normalise, padded with a `mask` (module
+  docstring). Augmentation arguments (flip, sharpness, ...) are accepted and ignored, so the
+  train and eval loaders can share a config. `len(loader)` is the number of batches."""
+  del unused_augment
   shard_index, shard_count = _process_shard(shard_index, shard_count)
-  if global_batch_size % shard_count:
-    raise ValueError(f"eval batch size {global_batch_size} is not divisible by the "
-                     f"{shard_count} processes")
-  local = global_batch_size // shard_count
-  n_batches = max(math.ceil(len(source) / global_batch_size), 1)
-  positions = np.array([b * global_batch_size + shard_index * local + j
-                        for b in range(n_batches) for j in range(local)], np.int64)
-  fn = EvalExample(source, image_size, int(resize_size or image_size), resize_mode, normalize)
+  image_size = int(image_size)
+  resize_size = int(resize_size or round(image_size * 8 / 7))
+  resize_mode = "square" if square_resize else resize_mode
+  _check_sizes(source, global_batch_size, shard_count, image_size, resize_size, resize_mode,
+               "eval")
+  local = int(global_batch_size) // shard_count
+  n_batches = math.ceil(len(source) / int(global_batch_size))
+  positions = (np.arange(n_batches)[:, None] * int(global_batch_size) + shard_index * local
+               + np.arange(local)[None, :]).reshape(-1)
+  fn = EvalExample(source, image_size, resize_size, resize_mode, normalize,
+                   _box_layout(source, max_parts))
   ds = grain.MapDataset.source(positions).map(fn).batch(local, drop_remainder=True)
-  return Loader(_finish(ds, worker_count, prefetch, threads), n_batches)
+  return EvalLoader(_finish(ds, worker_count, prefetch, threads), n_batches)
 
 
-def to_global_batch(batch: dict, mesh: jax.sharding.Mesh, partition_spec=P("data")) -> dict:
-  """Per-process numpy batch -> global jax.Arrays sharded over `mesh` along the batch axis."""
-  sharding = NamedSharding(mesh, partition_spec)
+def to_global_batch(batch: dict, mesh: jax.sharding.Mesh | None = None,
+                    partition_spec: P = P("data"), *,
+                    sharding: jax.sharding.Sharding | None = None) -> dict:
+  """Per-process numpy batch -> global jax.Arrays sharded along the batch axis.
+
+  Uses `sharding` if given, else NamedSharding(mesh, partition_spec). Each process passes its
+  own rows; the global batch is their concatenation in process order. Non-numeric entries
+  (strings) are left out.
+  """
+  if sharding is None:
+    if mesh is None:
+      raise ValueError("to_global_batch needs a mesh or a sharding")
+    sharding = NamedSharding(mesh, partition_spec)
   out = {}
   for k, v in batch.items():
     v = np.asarray(v)
     if v.dtype.kind in "USO":
-      continue  # strings stay on the host
+      continue
     out[k] = jax.make_array_from_process_local_data(sharding, v)
   return out

@@ -2,39 +2,60 @@
 
 `get_source(name, split, data_dir=None, **kw)` returns a `Source`: `len(source)`,
 `source[i] -> {"image": uint8 (H, W, 3) RGB, "label": int, "id": int, ...}`, `source.class_names`,
-`source.num_classes`, and `source.ids` / `source.labels` (numpy arrays, no decoding needed).
+`source.num_classes`, and `source.ids` / `source.labels` (numpy arrays, known without decoding).
 
-Names and the files each reads (layouts in docs/datasets.md):
-  cub             CUB_200_2011/: images.txt, image_class_labels.txt, train_test_split.txt,
-                  classes.txt, bounding_boxes.txt, images/      (ids: CUB image ids)
-  nabirds         nabirds/: the same five files (uuid keys; sparse class ids mapped in sorted
-                  order to 0..554), images/                     (ids: line number in images.txt)
-  stanford_cars   cars_annos.mat + car_ims/, or the devkit: devkit/cars_train_annos.mat,
-                  cars_test_annos_withlabels.mat, devkit/cars_meta.mat, cars_train/, cars_test/
-  stanford_dogs   train_list.mat, test_list.mat, Images/        (ids: index in the list)
-  fgvc_aircraft   fgvc-aircraft-2013b/data/: images_variant_{trainval,test}.txt, variants.txt,
-                  images/, images_box.txt (optional)             (ids: the image number)
-  folder          train/<class>/*, val/<class>/* or test/<class>/*
-  tfds:<name>     a prepared tensorflow-datasets dataset in data_dir (random access)
+Names and the files each reads (folder trees in docs/datasets.md):
+  cub             CUB_200_2011/ (data_dir may be it or its parent): images.txt,
+                  image_class_labels.txt, train_test_split.txt, classes.txt,
+                  bounding_boxes.txt, images/.          ids: CUB image ids; "object_box"
+  nabirds         nabirds/ (or its parent): the same five files with uuid keys, images/. Sparse
+                  class ids that have images map to 0..554 in sorted order.
+                                                        ids: position (0-based) in images.txt
+  stanford_cars   cars_annos.mat (relative_im_path, class, test, bbox_*) + car_ims/, or the
+                  devkit: devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat (in
+                  data_dir or devkit/), devkit/cars_meta.mat, cars_train/, cars_test/
+                                                        ids: index in the split; "object_box"
+  stanford_dogs   train_list.mat, test_list.mat (file_list, labels 1-based), Images/
+                                                        ids: index in the split
+  fgvc_aircraft   fgvc-aircraft-2013b/ or its data/: images_variant_{trainval,test}.txt,
+                  variants.txt, images/<id>.jpg, images_box.txt (optional)
+                                                        ids: the image number; train = trainval
+  folder          train/<class>/..., and val/<class>/... and/or test/<class>/... (classes: the
+                  sorted train sub-folders; "test" reads test/ or else val/, "val" needs val/)
+                                                        ids: index in the split
+  tfds:<name>     a prepared tensorflow-datasets dataset under data_dir, read as a random-access
+                  data source (image_key="image", label_key="label")   ids: index in the split
   synthetic       generated on the fly (fgjax.data.synthetic)
-Splits: "train" and "test" (`folder`: "val" too; "test" falls back to val/ when there is no
-test/). Examples carry "object_box" (x0, y0, x1, y1 pixels) where the dataset has boxes.
+Splits: "train" and "test" for all; "val" too for `folder` and `synthetic`. Boxes are
+(x0, y0, x1, y1) float32 pixels of the decoded image.
+
+Errors: a missing or incomplete dataset folder raises `DatasetNotFoundError` (a
+FileNotFoundError) naming the missing file, where the dataset comes from and the config key
+(`data.data_dir`); inconsistent annotations (e.g. a label outside [0, num_classes)) raise
+`DatasetError` (a ValueError) naming the example; an undecodable image raises `BadImageError`
+(an OSError) naming the file when it is read. With `skip_bad_images=True`, `get_source` decodes
+every image once at construction (PIL draft mode keeps that cheap for JPEGs) and drops the
+undecodable and missing ones, with one warning giving their count, so the source stays a
+consistent random-access source.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import logging
 import os
 import re
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 
-from fgjax.data.images import BadImageError, load_image, open_image
+from fgjax.data.images import BadImageError, open_image
 
 log = logging.getLogger("fgjax")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm", ".jfif")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -48,22 +69,25 @@ class DatasetError(ValueError):
 _ORIGIN = {
     "cub": "CUB-200-2011 (CUB_200_2011.tgz from https://www.vision.caltech.edu/datasets/"
            "cub_200_2011/, unpacked to a folder CUB_200_2011/)",
-    "nabirds": "NABirds (nabirds.tar.gz from https://dl.allaboutbirds.org/nabirds)",
-    "stanford_cars": "Stanford Cars (car_ims.tgz + cars_annos.mat, or the devkit with "
-                     "cars_train/, cars_test/ and cars_test_annos_withlabels.mat; originally "
+    "nabirds": "NABirds (nabirds.tar.gz from https://dl.allaboutbirds.org/nabirds, unpacked "
+               "to a folder nabirds/)",
+    "stanford_cars": "Stanford Cars (car_ims.tgz + cars_annos.mat, or the devkit with cars_train/, "
+                     "cars_test/ and cars_test_annos_withlabels.mat; from "
                      "https://ai.stanford.edu/~jkrause/cars/car_dataset.html)",
     "stanford_dogs": "Stanford Dogs (images.tar + lists.tar from "
-                     "http://vision.stanford.edu/aditya86/ImageNetDogs/)",
+                     "http://vision.stanford.edu/aditya86/ImageNetDogs/, unpacked together)",
     "fgvc_aircraft": "FGVC-Aircraft (fgvc-aircraft-2013b.tar.gz from "
                      "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/)",
     "folder": "your own images, one sub-folder per class under train/ and val/ or test/",
 }
+_HOW = ("Point config key data.data_dir at it (--config.data.data_dir=/path/to/it); "
+        "see docs/datasets.md.")
 
 
 def _missing(name: str, data_dir, what: str) -> DatasetNotFoundError:
   return DatasetNotFoundError(
-      f"{name}: {what} not found under data_dir={data_dir!r}. The dataset is {_ORIGIN[name]}. "
-      f"Point config key data.data_dir at it (--config.data.data_dir=/path/to/it).")
+      f"{name}: {what} not found in data_dir={os.fspath(data_dir)!r}. The dataset is "
+      f"{_ORIGIN[name]}. {_HOW}")
 
 
 class Source:
@@ -84,68 +108,111 @@ class Source:
     return len(self.ids)
 
   def get(self, i: int, min_size: int | None = None) -> tuple[Any, dict]:
-    """(PIL RGB image, record without the image): what the pipeline transforms."""
+    """(PIL RGB image, record without the image) of example i (0 <= i < len): what the
+    pipeline transforms. `min_size` allows decoding a JPEG at a reduced size whose shorter side
+    stays >= min_size (boxes in the record are scaled to match)."""
     raise NotImplementedError
 
   def __getitem__(self, i: int) -> dict:
-    if not -len(self) <= i < len(self):
-      raise IndexError(f"index {i} out of range for {self.name}/{self.split} ({len(self)})")
-    img, rec = self.get(int(i) % len(self))
+    n = len(self)
+    if not -n <= i < n:
+      raise IndexError(f"index {i} out of range for {self.name}/{self.split} ({n} examples)")
+    img, rec = self.get(int(i) % n)
     rec["image"] = np.asarray(img, dtype=np.uint8)
     return rec
+
+  def __iter__(self):
+    for i in range(len(self)):
+      yield self[i]
 
   def __repr__(self):
     return (f"{type(self).__name__}({self.name!r}, split={self.split!r}, n={len(self)}, "
             f"classes={self.num_classes})")
 
 
+def _check_labels(name, split, labels, ids, num_classes, describe):
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if bad.size:
+    i = int(bad[0])
+    raise DatasetError(f"{name}/{split}: example id {int(ids[i])} ({describe(i)}) has label "
+                       f"{int(labels[i])}, outside [0, {num_classes})"
+                       + (f" ({bad.size} such examples)" if bad.size > 1 else ""))
+
+
 class FileSource(Source):
-  """Examples that are image files with integer labels (and optional boxes)."""
+  """Examples that are image files with integer labels (and optional object boxes).
+
+  Every listed file must exist (else `DatasetNotFoundError` naming the first missing one);
+  with `skip_bad_images=True` missing and undecodable files are dropped instead (see the module
+  docstring).
+  """
 
   def __init__(self, name: str, split: str, files: Sequence[str], labels, ids,
-               class_names: Sequence[str], object_boxes=None, skip_bad_images: bool = False):
+               class_names: Sequence[str], object_boxes=None, skip_bad_images: bool = False,
+               root: str | None = None):
     self.name, self.split = name, split
-    self.files = list(files)
-    self.labels = np.asarray(labels, np.int64)
-    self.ids = np.asarray(ids, np.int64)
-    self.class_names = list(class_names)
-    self.object_boxes = None if object_boxes is None else np.asarray(object_boxes, np.float32)
+    self.files = [os.fspath(f) for f in files]
+    self.labels = np.asarray(labels, np.int64).reshape(-1)
+    self.ids = np.asarray(ids, np.int64).reshape(-1)
+    self.class_names = [str(c) for c in class_names]
+    self.object_boxes = None if object_boxes is None else \
+        np.asarray(object_boxes, np.float32).reshape(-1, 4)
     self.box_shapes = {} if self.object_boxes is None else {"object_box": (4,)}
+    self.num_skipped = 0
+    if not (len(self.files) == len(self.labels) == len(self.ids)):
+      raise DatasetError(f"{name}/{split}: {len(self.files)} files, {len(self.labels)} labels, "
+                         f"{len(self.ids)} ids")
     if len(np.unique(self.ids)) != len(self.ids):
       raise DatasetError(f"{name}/{split}: example ids are not unique")
-    bad = np.flatnonzero((self.labels < 0) | (self.labels >= self.num_classes))
-    if bad.size:
-      i = int(bad[0])
-      raise DatasetError(f"{name}/{split}: example id {int(self.ids[i])} ({self.files[i]}) has "
-                         f"label {int(self.labels[i])}, outside [0, {self.num_classes})")
+    _check_labels(name, split, self.labels, self.ids, self.num_classes, lambda i: self.files[i])
     if skip_bad_images:
       self._drop_bad_images()
+    else:
+      missing = [f for f in self.files if not os.path.isfile(f)]
+      if missing:
+        where = os.path.relpath(missing[0], root) if root else missing[0]
+        more = f" (and {len(missing) - 1} more of the {len(self.files)} {split} images)" \
+            if len(missing) > 1 else ""
+        origin = _ORIGIN.get(name)
+        raise DatasetNotFoundError(
+            f"{name}: image file {where} not found{more} in data_dir={root or ''!r}. "
+            + (f"The dataset is {origin}. " if origin else "") + _HOW
+            + " (get_source(..., skip_bad_images=True) / data.skip_bad_images=True skips "
+              "missing and undecodable images.)")
+    if len(self.files) == 0:
+      raise DatasetError(f"{name}/{split}: no examples")
+
+  def _keep(self, ok: np.ndarray):
+    self.files = [f for f, g in zip(self.files, ok) if g]
+    self.labels, self.ids = self.labels[ok], self.ids[ok]
+    if self.object_boxes is not None:
+      self.object_boxes = self.object_boxes[ok]
 
   def _drop_bad_images(self):
     def check(path):
       try:
         open_image(path, min_size=32)
         return True
-      except (BadImageError, FileNotFoundError):
+      except (BadImageError, OSError):
         return False
-    with concurrent.futures.ThreadPoolExecutor(max(os.cpu_count() or 1, 2)) as pool:
-      ok = np.array(list(pool.map(check, self.files)), bool)
-    if not ok.all():
-      n_bad = int((~ok).sum())
-      first = [f for f, g in zip(self.files, ok) if not g][:3]
-      log.warning("%s/%s: skipped %d undecodable image(s) (skip_bad_images=True), e.g. %s",
-                  self.name, self.split, n_bad, ", ".join(first))
-      self.files = [f for f, g in zip(self.files, ok) if g]
-      self.labels, self.ids = self.labels[ok], self.ids[ok]
-      if self.object_boxes is not None:
-        self.object_boxes = self.object_boxes[ok]
+    with concurrent.futures.ThreadPoolExecutor(max(os.cpu_count() or 1, 2) * 2) as pool:
+      ok = np.fromiter(pool.map(check, self.files), bool, len(self.files))
     self.num_skipped = int((~ok).sum())
+    if self.num_skipped:
+      first = [f for f, g in zip(self.files, ok) if not g][:3]
+      msg = (f"{self.name}/{self.split}: skipped {self.num_skipped} of {len(ok)} images that are "
+             f"missing or cannot be decoded (skip_bad_images=True), e.g. {', '.join(first)}")
+      log.warning(msg)
+      warnings.warn(msg, stacklevel=3)
+      self._keep(ok)
 
   def get(self, i, min_size=None):
     path = self.files[i]
-    if not os.path.exists(path):
-      raise BadImageError(f"image file missing: {path} (example id {int(self.ids[i])})")
-    img, scale = open_image(path, min_size, return_scale=True)
+    try:
+      img, scale = open_image(path, min_size, return_scale=True)
+    except FileNotFoundError:
+      raise BadImageError(f"image file missing: {path} (example id {int(self.ids[i])})") \
+          from None
     rec = {"label": int(self.labels[i]), "id": int(self.ids[i]), "file": path}
     if self.object_boxes is not None:
       rec["object_box"] = self.object_boxes[i] * np.float32(scale)
@@ -153,15 +220,15 @@ class FileSource(Source):
 
 
 class SubsetSource(Source):
-  """A subset of another source (train/val hold-out)."""
+  """A subset of another source (e.g. the train/val hold-out of `split_train_val`)."""
 
   def __init__(self, parent: Source, indices, split: str):
     self.parent = parent
-    self.indices = np.asarray(indices, np.int64)
+    self.indices = np.asarray(indices, np.int64).reshape(-1)
     self.name, self.split = parent.name, split
     self.class_names = parent.class_names
-    self.ids = parent.ids[self.indices]
-    self.labels = parent.labels[self.indices]
+    self.ids = np.asarray(parent.ids)[self.indices]
+    self.labels = np.asarray(parent.labels)[self.indices]
     self.box_shapes = parent.box_shapes
 
   def get(self, i, min_size=None):
@@ -169,26 +236,25 @@ class SubsetSource(Source):
 
 
 def split_train_val(source: Source, val_fraction: float, seed: int = 0):
-  """Stratified, deterministic hold-out: (train part, val part) of `source`.
+  """Stratified, deterministic hold-out: returns (train part, val part) of `source`.
 
-  From each class, round(val_fraction * n_c) examples (at least one when the class has two or
-  more) go to validation, chosen by a permutation seeded with `seed`.
+  From each class with n >= 2 examples, round(val_fraction * n) examples, clipped to
+  [1, n - 1], go to validation (a class with one example stays in train), chosen by a
+  permutation seeded with (seed, class). Both parts keep the source's order; together they are
+  the whole source, without overlap.
   """
-  if not 0.0 < val_fraction < 1.0:
+  if not 0.0 < float(val_fraction) < 1.0:
     raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-  rng = np.random.default_rng(seed)
-  val = []
   labels = np.asarray(source.labels)
+  val = []
   for c in np.unique(labels):
     idx = np.flatnonzero(labels == c)
-    idx = idx[rng.permutation(len(idx))]
-    k = int(round(val_fraction * len(idx)))
-    if len(idx) >= 2:
-      k = min(max(k, 1), len(idx) - 1)
-    else:
-      k = 0
-    val.extend(idx[:k].tolist())
-  val = np.sort(np.array(val, np.int64))
+    if len(idx) < 2:
+      continue
+    k = min(max(int(round(float(val_fraction) * len(idx))), 1), len(idx) - 1)
+    perm = np.random.default_rng([int(seed), int(c)]).permutation(len(idx))
+    val.extend(idx[perm[:k]].tolist())
+  val = np.sort(np.asarray(val, np.int64))
   train = np.setdiff1d(np.arange(len(labels)), val)
   return SubsetSource(source, train, source.split), SubsetSource(source, val, "val")
 
@@ -196,32 +262,44 @@ def split_train_val(source: Source, val_fraction: float, seed: int = 0):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _read_table(path: str, name: str, data_dir) -> list[list[str]]:
-  if not os.path.exists(path):
-    raise _missing(name, data_dir, os.path.basename(path))
-  with open(path, encoding="utf-8") as f:
-    return [line.split() for line in f if line.strip()]
+def _resolve_dir(data_dir, default: str) -> str:
+  return os.path.abspath(os.path.expanduser(os.fspath(data_dir if data_dir is not None
+                                                      else default)))
 
 
-def _find_root(data_dir, name: str, marker: str, candidates: Sequence[str]) -> str:
-  """The folder holding `marker`: data_dir itself or one of its `candidates` sub-folders."""
-  if data_dir is None:
-    data_dir = os.path.join("data", candidates[0]) if candidates else "data"
-  data_dir = os.path.expanduser(os.fspath(data_dir))
+def _find_root(name: str, data_dir, markers: Sequence[str], candidates: Sequence[str],
+               default: str) -> str:
+  """The folder holding all `markers`: data_dir itself or one of its `candidates` sub-folders.
+  When none has them all, raises DatasetNotFoundError for the first marker missing in the best
+  candidate."""
+  base = _resolve_dir(data_dir, default)
+  if not os.path.isdir(base):
+    hint = "" if data_dir is not None else " (data.data_dir is not set)"
+    raise DatasetNotFoundError(f"{name}: folder {base!r} does not exist{hint}. The dataset is "
+                               f"{_ORIGIN[name]}. {_HOW}")
+  best, best_n = base, -1
   for sub in ("",) + tuple(candidates):
-    root = os.path.join(data_dir, sub)
-    if os.path.exists(os.path.join(root, marker)):
+    root = os.path.join(base, sub) if sub else base
+    n = sum(os.path.exists(os.path.join(root, m)) for m in markers)
+    if n == len(markers):
       return root
-  if not os.path.isdir(data_dir):
-    raise DatasetNotFoundError(
-        f"{name}: folder {data_dir!r} does not exist. The dataset is {_ORIGIN[name]}. Point "
-        f"config key data.data_dir at it (--config.data.data_dir=/path/to/it).")
-  raise _missing(name, data_dir, marker)
+    if n > best_n:
+      best, best_n = root, n
+  missing = next(m for m in markers if not os.path.exists(os.path.join(best, m)))
+  rel = os.path.relpath(os.path.join(best, missing), base)
+  raise _missing(name, base, rel)
+
+
+def _read_rows(path: str, name: str, base: str, maxsplit: int = -1) -> list[list[str]]:
+  if not os.path.isfile(path):
+    raise _missing(name, base, os.path.relpath(path, base))
+  with open(path, encoding="utf-8") as f:
+    return [line.split(None, maxsplit) for line in f if line.strip()]
 
 
 def _check_split(name, split, allowed=("train", "test")):
   if split not in allowed:
-    raise ValueError(f"{name}: unknown split {split!r}; use one of {allowed}")
+    raise ValueError(f"{name}: unknown split {split!r}; use one of {', '.join(allowed)}")
 
 
 def _xywh_to_xyxy(b):
@@ -232,62 +310,75 @@ def _xywh_to_xyxy(b):
 # ----------------------------------------------------------------------------- datasets
 
 
-def _birds_source(name, split, data_dir, skip_bad_images, candidates):
+def _birds_source(name, split, data_dir, skip_bad_images):
   """CUB-200-2011 and NABirds share their annotation files."""
   _check_split(name, split)
-  root = _find_root(data_dir, name, "images.txt", candidates)
-  images = _read_table(os.path.join(root, "images.txt"), name, data_dir)
-  labels = dict(_read_table(os.path.join(root, "image_class_labels.txt"), name, data_dir))
-  is_train = dict(_read_table(os.path.join(root, "train_test_split.txt"), name, data_dir))
-  classes_rows = _read_table(os.path.join(root, "classes.txt"), name, data_dir)
-  boxes_path = os.path.join(root, "bounding_boxes.txt")
-  boxes = {r[0]: [float(v) for v in r[1:5]] for r in _read_table(boxes_path, name, data_dir)} \
-      if os.path.exists(boxes_path) else None
-  if name == "cub" and boxes is None:
-    raise _missing(name, data_dir, "bounding_boxes.txt")
-  class_text = {r[0]: " ".join(r[1:]) for r in classes_rows}
-  used = sorted({labels[k] for k, _ in images if k in labels}, key=int)
+  folder = "CUB_200_2011" if name == "cub" else "nabirds"
+  files_needed = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
   if name == "cub":
-    used = sorted(class_text, key=int)
+    files_needed += ("bounding_boxes.txt",)
+  root = _find_root(name, data_dir, files_needed + ("images",), [folder],
+                    os.path.join("data", folder))
+  base = _resolve_dir(data_dir, os.path.join("data", folder))
+  rd = lambda f, k=-1: _read_rows(os.path.join(root, f), name, base, k)
+  images = rd("images.txt", 1)
+  labels = {r[0]: r[1] for r in rd("image_class_labels.txt")}
+  is_train = {r[0]: r[1] for r in rd("train_test_split.txt")}
+  class_text = {r[0]: (r[1].strip() if len(r) > 1 else r[0]) for r in rd("classes.txt", 1)}
+  boxes = None
+  if os.path.isfile(os.path.join(root, "bounding_boxes.txt")):
+    boxes = {r[0]: [float(v) for v in r[1:5]] for r in rd("bounding_boxes.txt")}
+  sort_key = lambda c: (0, int(c), "") if c.isdigit() else (1, 0, c)
+  if name == "cub":  # all classes of classes.txt, in id order
+    used = sorted(class_text, key=sort_key)
+  else:  # NABirds: only the (sparse) class ids that have images, in sorted order
+    used = sorted({labels[k] for k, _ in images if k in labels}, key=sort_key)
   index_of = {c: i for i, c in enumerate(used)}
   names = [re.sub(r"^\d+\.", "", class_text.get(c, c)) for c in used]
   want = "1" if split == "train" else "0"
   files, ys, ids, bxs = [], [], [], []
-  for line_no, (key, rel) in enumerate(images, start=1):
-    if key not in labels or key not in is_train:
-      raise DatasetError(f"{name}: image {key} ({rel}) has no entry in "
-                         f"{'image_class_labels.txt' if key not in labels else 'train_test_split.txt'}")
+  for pos, row in enumerate(images):
+    if len(row) < 2:
+      raise DatasetError(f"{name}: images.txt line {pos + 1} is not '<image id> <path>'")
+    key, rel = row[0], row[1].strip()
+    for table, fname in ((labels, "image_class_labels.txt"), (is_train, "train_test_split.txt")):
+      if key not in table:
+        raise DatasetError(f"{name}: image {key} ({rel}) has no entry in {fname}")
     if is_train[key] != want:
       continue
+    img_id = int(key) if (name == "cub" and key.isdigit()) else pos
     if labels[key] not in index_of:
-      raise DatasetError(f"{name}: image {key} ({rel}) has class id {labels[key]}, which is "
-                         f"not in classes.txt")
+      raise DatasetError(f"{name}/{split}: example id {img_id} ({rel}) has class id "
+                         f"{labels[key]}, which is not in classes.txt")
     files.append(os.path.join(root, "images", rel))
     ys.append(index_of[labels[key]])
-    ids.append(int(key) if name == "cub" else line_no)
+    ids.append(img_id)
     if boxes is not None:
-      bxs.append(boxes.get(key, [0, 0, 0, 0]))
+      bxs.append(boxes.get(key, [0.0, 0.0, 0.0, 0.0]))
   if not files:
     raise DatasetError(f"{name}: the {split} split is empty (train_test_split.txt)")
   return FileSource(name, split, files, ys, ids, names,
-                    _xywh_to_xyxy(bxs) if boxes is not None else None, skip_bad_images)
+                    _xywh_to_xyxy(bxs) if boxes is not None else None, skip_bad_images, root)
 
 
-def _mat_struct_field(rec, field):
-  v = rec[field]
-  while isinstance(v, np.ndarray) and v.size == 1 and v.dtype == object:
-    v = v.item()
-  if isinstance(v, np.ndarray):
-    v = v.squeeze()
+def _mat_value(v):
+  """Unwraps scipy.io.loadmat's nested size-1 arrays to a str or a number."""
+  while isinstance(v, np.ndarray):
+    if v.size == 0:
+      return ""
     if v.dtype.kind in "US":
-      return str(v)
-    return v.item() if v.size == 1 else v
-  return v
+      return str(v.ravel()[0]) if v.size == 1 else "".join(map(str, v.ravel()))
+    if v.size != 1:
+      raise DatasetError(f"unexpected array of shape {v.shape} in a .mat annotation")
+    v = v.ravel()[0]
+  if isinstance(v, bytes):
+    return v.decode("utf-8", "replace")
+  return v.item() if isinstance(v, np.generic) else v
 
 
-def _loadmat(path, name, data_dir):
-  if not os.path.exists(path):
-    raise _missing(name, data_dir, os.path.relpath(path, os.fspath(data_dir or ".")))
+def _loadmat(path, name, base):
+  if not os.path.isfile(path):
+    raise _missing(name, base, os.path.relpath(path, base))
   import scipy.io
   try:
     return scipy.io.loadmat(path)
@@ -295,237 +386,346 @@ def _loadmat(path, name, data_dir):
     raise DatasetError(f"{name}: cannot read {path}: {e}") from None
 
 
+def _mat_records(mat, key, fields, path, name):
+  """The struct array `key` of a loaded .mat as a list of {field: value} dicts."""
+  if key not in mat:
+    raise DatasetError(f"{name}: {path} has no variable {key!r}")
+  arr = mat[key].ravel()
+  have = arr.dtype.names or ()
+  lacking = [f for f in fields if f not in have]
+  if lacking:
+    raise DatasetError(f"{name}: {path} records lack the field(s) {', '.join(lacking)}")
+  return [{f: _mat_value(r[f]) for f in have} for r in arr]
+
+
 def _mat_strings(arr) -> list[str]:
-  out = []
-  for v in np.asarray(arr).ravel():
-    while isinstance(v, np.ndarray):
-      v = v.ravel()[0] if v.size else ""
-    out.append(str(v))
-  return out
+  return [str(_mat_value(v)) for v in np.asarray(arr).ravel()]
 
 
 def _cars_source(split, data_dir, skip_bad_images):
   name = "stanford_cars"
   _check_split(name, split)
-  base = os.path.expanduser(os.fspath(data_dir)) if data_dir else os.path.join("data",
-                                                                                "stanford_cars")
+  base = _resolve_dir(data_dir, os.path.join("data", "stanford_cars"))
   if not os.path.isdir(base):
-    raise DatasetNotFoundError(f"{name}: folder {base!r} does not exist. The dataset is "
-                               f"{_ORIGIN[name]}. Point config key data.data_dir at it "
-                               f"(--config.data.data_dir=/path/to/it).")
-  annos = os.path.join(base, "cars_annos.mat")
-  files, ys, ids, boxes = [], [], [], []
-  if os.path.exists(annos):
+    hint = "" if data_dir is not None else " (data.data_dir is not set)"
+    raise DatasetNotFoundError(f"{name}: folder {base!r} does not exist{hint}. The dataset is "
+                               f"{_ORIGIN[name]}. {_HOW}")
+  root = next((os.path.join(base, sub) for sub in ("", "stanford_cars", "stanford-cars")
+               if os.path.isfile(os.path.join(base, sub, "cars_annos.mat")) or
+               os.path.isdir(os.path.join(base, sub, "devkit"))), None)
+  if root is None:
+    raise _missing(name, base, "cars_annos.mat (or devkit/cars_train_annos.mat)")
+  bbox = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
+  annos = os.path.join(root, "cars_annos.mat")
+  files, ys, boxes = [], [], []
+  if os.path.isfile(annos):
     mat = _loadmat(annos, name, base)
-    names = _mat_strings(mat["class_names"])
-    recs = mat["annotations"].ravel()
-    for i, r in enumerate(recs):
-      test = int(_mat_struct_field(r, "test"))
-      if (split == "test") != bool(test):
+    names = _mat_strings(mat["class_names"]) if "class_names" in mat else None
+    for r in _mat_records(mat, "annotations", ("relative_im_path", "class", "test") + bbox,
+                          annos, name):
+      if bool(int(r["test"])) != (split == "test"):
         continue
-      rel = _mat_struct_field(r, "relative_im_path")
-      files.append(os.path.join(base, rel))
-      ys.append(int(_mat_struct_field(r, "class")) - 1)
-      ids.append(i + 1)
-      boxes.append([float(_mat_struct_field(r, f"bbox_{k}")) for k in ("x1", "y1", "x2", "y2")])
+      files.append(os.path.join(root, str(r["relative_im_path"])))
+      ys.append(int(r["class"]) - 1)
+      boxes.append([float(r[k]) for k in bbox])
   else:
-    devkit = os.path.join(base, "devkit")
-    meta = _loadmat(os.path.join(devkit, "cars_meta.mat"), name, base)
-    names = _mat_strings(meta["class_names"])
+    devkit = os.path.join(root, "devkit")
+    meta_path = os.path.join(devkit, "cars_meta.mat")
+    names = _mat_strings(_loadmat(meta_path, name, base)["class_names"]) \
+        if os.path.isfile(meta_path) else None
     if split == "train":
-      mat = _loadmat(os.path.join(devkit, "cars_train_annos.mat"), name, base)
-      img_dir = os.path.join(base, "cars_train")
+      path = os.path.join(devkit, "cars_train_annos.mat")
+      img_dir = os.path.join(root, "cars_train")
     else:
-      path = next((p for p in (os.path.join(base, "cars_test_annos_withlabels.mat"),
+      path = next((p for p in (os.path.join(root, "cars_test_annos_withlabels.mat"),
                                os.path.join(devkit, "cars_test_annos_withlabels.mat"))
-                   if os.path.exists(p)), None)
+                   if os.path.isfile(p)), None)
       if path is None:
-        raise _missing(name, base, "cars_test_annos_withlabels.mat (or cars_annos.mat)")
-      mat = _loadmat(path, name, base)
-      img_dir = os.path.join(base, "cars_test")
+        raise _missing(name, base, "cars_test_annos_withlabels.mat (the test labels; "
+                                   "devkit/cars_test_annos.mat has none)")
+      img_dir = os.path.join(root, "cars_test")
+    mat = _loadmat(path, name, base)
     if not os.path.isdir(img_dir):
-      raise _missing(name, base, os.path.basename(img_dir) + "/")
-    for i, r in enumerate(mat["annotations"].ravel()):
-      fname = _mat_struct_field(r, "fname")
-      files.append(os.path.join(img_dir, fname))
-      ys.append(int(_mat_struct_field(r, "class")) - 1)
-      ids.append(int(re.sub(r"\D", "", fname) or i + 1))
-      boxes.append([float(_mat_struct_field(r, f"bbox_{k}")) for k in ("x1", "y1", "x2", "y2")])
-  return FileSource(name, split, files, ys, ids, names, np.asarray(boxes, np.float32),
-                    skip_bad_images)
+      raise _missing(name, base, os.path.relpath(img_dir, base) + "/")
+    nested = os.path.join(img_dir, os.path.basename(img_dir))  # e.g. cars_train/cars_train/
+    if os.path.isdir(nested):
+      img_dir = nested
+    for r in _mat_records(mat, "annotations", ("fname", "class") + bbox, path, name):
+      files.append(os.path.join(img_dir, str(r["fname"])))
+      ys.append(int(r["class"]) - 1)
+      boxes.append([float(r[k]) for k in bbox])
+  if names is None:
+    names = [f"class_{c + 1}" for c in range(max(ys) + 1)]
+  return FileSource(name, split, files, ys, np.arange(len(files)), names,
+                    np.asarray(boxes, np.float32).reshape(-1, 4), skip_bad_images, root)
 
 
 def _dogs_source(split, data_dir, skip_bad_images):
   name = "stanford_dogs"
   _check_split(name, split)
-  root = _find_root(data_dir, name, f"{split}_list.mat", ["stanford_dogs", "lists"])
-  mat = _loadmat(os.path.join(root, f"{split}_list.mat"), name, data_dir)
-  rels = _mat_strings(mat["file_list"])
-  labels = np.asarray(mat["labels"]).ravel().astype(np.int64) - 1
-  img_root = next((p for p in (os.path.join(root, "Images"), os.path.join(root, "..", "Images"),
-                               os.path.join(root, "images", "Images"))
+  list_file = f"{split}_list.mat"
+  root = _find_root(name, data_dir, (list_file,), ["stanford_dogs", "lists"],
+                    os.path.join("data", "stanford_dogs"))
+  base = _resolve_dir(data_dir, os.path.join("data", "stanford_dogs"))
+  img_root = next((p for p in (os.path.join(root, "Images"), os.path.join(root, "images", "Images"),
+                               os.path.join(root, "images"), os.path.join(root, "..", "Images"))
                    if os.path.isdir(p)), None)
   if img_root is None:
-    raise _missing(name, data_dir, "Images/")
-  synsets = {}
-  for rel, y in zip(rels, labels):
-    synsets.setdefault(int(y), rel.split("/")[0])
-  if len(synsets) < 120:  # class names from the folder names of both lists
-    for other in ("train", "test"):
-      p = os.path.join(root, f"{other}_list.mat")
-      if other != split and os.path.exists(p):
-        m = _loadmat(p, name, data_dir)
-        for rel, y in zip(_mat_strings(m["file_list"]),
-                          np.asarray(m["labels"]).ravel().astype(np.int64) - 1):
-          synsets.setdefault(int(y), rel.split("/")[0])
-  n = max(synsets) + 1
-  names = [synsets.get(c, f"class_{c}").split("-", 1)[-1] for c in range(n)]
+    raise _missing(name, base, "Images/")
+
+  def read_list(path):
+    mat = _loadmat(path, name, base)
+    for key in ("file_list", "labels"):
+      if key not in mat:
+        raise DatasetError(f"{name}: {path} has no variable {key!r}")
+    rels = _mat_strings(mat["file_list"])
+    labels = np.asarray(mat["labels"]).ravel().astype(np.int64) - 1
+    if len(rels) != len(labels):
+      raise DatasetError(f"{name}: {path}: {len(rels)} files but {len(labels)} labels")
+    return rels, labels
+
+  rels, labels = read_list(os.path.join(root, list_file))
+  synsets = {}  # class index -> synset folder name ("n02085620-Chihuahua")
+  for other in (split, "test" if split == "train" else "train"):
+    path = os.path.join(root, f"{other}_list.mat")
+    if os.path.isfile(path):
+      for rel, y in zip(*(read_list(path) if other != split else (rels, labels))):
+        synsets.setdefault(int(y), rel.replace("\\", "/").split("/")[0])
+  num = max(synsets) + 1 if synsets else 0
+  names = [synsets[c].split("-", 1)[-1] if c in synsets else f"class_{c}" for c in range(num)]
   files = [os.path.join(img_root, r) for r in rels]
-  return FileSource(name, split, files, labels, np.arange(1, len(files) + 1), names, None,
-                    skip_bad_images)
+  return FileSource(name, split, files, labels, np.arange(len(files)), names, None,
+                    skip_bad_images, root)
 
 
 def _aircraft_source(split, data_dir, skip_bad_images):
   name = "fgvc_aircraft"
   _check_split(name, split)
   fname = "images_variant_trainval.txt" if split == "train" else "images_variant_test.txt"
-  root = _find_root(data_dir, name, fname, ["data", "fgvc-aircraft-2013b/data"])
-  variants_path = os.path.join(root, "variants.txt")
-  if not os.path.exists(variants_path):
-    raise _missing(name, data_dir, "variants.txt")
-  with open(variants_path, encoding="utf-8") as f:
+  root = _find_root(name, data_dir, (fname, "variants.txt", "images"),
+                    ["data", "fgvc-aircraft-2013b/data", "fgvc-aircraft-2013b"],
+                    os.path.join("data", "fgvc-aircraft-2013b"))
+  base = _resolve_dir(data_dir, os.path.join("data", "fgvc-aircraft-2013b"))
+  with open(os.path.join(root, "variants.txt"), encoding="utf-8") as f:
     names = [line.strip() for line in f if line.strip()]
   index = {v: i for i, v in enumerate(names)}
-  rows = []
-  with open(os.path.join(root, fname), encoding="utf-8") as f:
-    for line in f:
-      if line.strip():
-        img_id, variant = line.strip().split(" ", 1)
-        rows.append((img_id, variant))
+  rows = _read_rows(os.path.join(root, fname), name, base, 1)
+  boxes = None
   box_path = os.path.join(root, "images_box.txt")
-  boxes = {}
-  if os.path.exists(box_path):
-    for r in _read_table(box_path, name, data_dir):
-      boxes[r[0]] = [float(v) for v in r[1:5]]
+  if os.path.isfile(box_path):
+    boxes = {r[0]: [float(v) for v in r[1:5]] for r in _read_rows(box_path, name, base)}
   files, ys, ids, bxs = [], [], [], []
-  for img_id, variant in rows:
+  for row in rows:
+    img_id, variant = row[0], row[1].strip() if len(row) > 1 else ""
     if variant not in index:
-      raise DatasetError(f"{name}: image {img_id} has variant {variant!r}, not in variants.txt")
+      raise DatasetError(f"{name}/{split}: image {img_id} has variant {variant!r}, which is not "
+                         f"in variants.txt")
     files.append(os.path.join(root, "images", f"{img_id}.jpg"))
     ys.append(index[variant])
-    ids.append(int(img_id))
-    bxs.append(boxes.get(img_id, [0, 0, 0, 0]))
+    ids.append(int(img_id) if img_id.isdigit() else len(ids))
+    if boxes is not None:
+      bxs.append(boxes.get(img_id, [0.0, 0.0, 0.0, 0.0]))
   return FileSource(name, split, files, ys, ids, names,
-                    np.asarray(bxs, np.float32) if boxes else None, skip_bad_images)
+                    None if boxes is None else np.asarray(bxs, np.float32), skip_bad_images,
+                    root)
+
+
+def _list_images(folder: str) -> list[str]:
+  out = []
+  for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    out.extend(os.path.join(dirpath, f) for f in sorted(filenames)
+               if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+  return out
 
 
 def _folder_source(split, data_dir, skip_bad_images):
   name = "folder"
+  _check_split(name, split, ("train", "val", "test"))
   if data_dir is None:
-    raise DatasetNotFoundError("folder: no data_dir given. Point config key data.data_dir at a "
-                               "folder with train/<class>/ and val/<class>/ or test/<class>/ "
-                               "(--config.data.data_dir=/path/to/it).")
-  root = os.path.expanduser(os.fspath(data_dir))
+    raise DatasetNotFoundError(f"folder: no data_dir given. The dataset is {_ORIGIN[name]}. "
+                               f"{_HOW}")
+  root = _resolve_dir(data_dir, ".")
+  if not os.path.isdir(root):
+    raise DatasetNotFoundError(f"folder: folder {root!r} does not exist. The dataset is "
+                               f"{_ORIGIN[name]}. {_HOW}")
   train_dir = os.path.join(root, "train")
   if not os.path.isdir(train_dir):
-    raise _missing(name, data_dir, "train/")
-  classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
+    raise _missing(name, root, "train/")
+  classes = sorted(d for d in os.listdir(train_dir)
+                   if os.path.isdir(os.path.join(train_dir, d)) and not d.startswith("."))
   if not classes:
     raise DatasetError(f"folder: {train_dir} has no class sub-folders")
   if split == "train":
     split_dir = train_dir
-  elif split in ("val", "test"):
-    cands = [split, "test" if split == "val" else "val"]
+  else:
+    cands = ["val"] if split == "val" else ["test", "val"]
     split_dir = next((os.path.join(root, c) for c in cands if os.path.isdir(os.path.join(root, c))),
                      None)
     if split_dir is None:
-      raise _missing(name, data_dir, "val/ or test/")
-  else:
-    raise ValueError(f"folder: unknown split {split!r}; use train, val or test")
+      raise _missing(name, root, "val/" if split == "val" else "test/ (or val/)")
   index = {c: i for i, c in enumerate(classes)}
   files, ys = [], []
   for c in sorted(os.listdir(split_dir)):
     cdir = os.path.join(split_dir, c)
-    if not os.path.isdir(cdir):
+    if not os.path.isdir(cdir) or c.startswith("."):
       continue
     if c not in index:
-      raise DatasetError(f"folder: class folder {cdir} has no counterpart in {train_dir}")
-    for fn in sorted(os.listdir(cdir)):
-      if fn.lower().endswith(IMAGE_EXTENSIONS):
-        files.append(os.path.join(cdir, fn))
-        ys.append(index[c])
+      raise DatasetError(f"folder: class folder {cdir} has no counterpart in {train_dir}; the "
+                         f"classes are the sub-folders of train/")
+    found = _list_images(cdir)
+    files.extend(found)
+    ys.extend([index[c]] * len(found))
   if not files:
-    raise DatasetError(f"folder: no images under {split_dir}")
-  return FileSource(name, split, files, ys, np.arange(len(files)), classes, None, skip_bad_images)
+    raise DatasetError(f"folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}")
+  return FileSource(name, split, files, ys, np.arange(len(files)), classes, None,
+                    skip_bad_images, root)
 
 
 class TfdsSource(Source):
-  """A prepared tensorflow-datasets dataset read as a random-access data source."""
+  """A prepared tensorflow-datasets dataset read as a random-access data source.
 
-  def __init__(self, tfds_name, split, data_dir, image_key="image", label_key="label"):
+  `data_dir` is the tfds data dir holding `<name>/<version>/` (prepared in the array_record
+  format). `tfds:<name>` may carry a config and version (`tfds:cars196:2.1.0`). Image features
+  are read undecoded and decoded here like files (RGB uint8); array features (H, W[, C]) are
+  converted to RGB. Labels are read once at construction without decoding images.
+  """
+
+  def __init__(self, tfds_name: str, split: str, data_dir=None, image_key: str = "image",
+               label_key: str = "label", skip_bad_images: bool = False):
     import tensorflow_datasets as tfds
     self.name, self.split = f"tfds:{tfds_name}", split
+    hint = (f"Prepare it with tensorflow-datasets in the array_record format (e.g. "
+            f"`tfds build {tfds_name.split(':')[0]} --data_dir=/path --file_format=array_record`) "
+            f"and point config key data.data_dir at that data dir (--config.data.data_dir=/path).")
     try:
       builder = tfds.builder(tfds_name, data_dir=data_dir)
-    except Exception as e:  # noqa: BLE001
-      raise DatasetNotFoundError(f"tfds:{tfds_name}: {e}. Prepare it in data.data_dir "
-                                 f"(--config.data.data_dir=/path) with tfds.") from None
+    except Exception:  # noqa: BLE001 - not registered here: read the prepared folder itself
+      builder = None
+      if data_dir is not None:
+        path = os.path.join(os.fspath(data_dir), *tfds_name.replace(":", "/").split("/"))
+        versions = sorted(d for d in (os.listdir(path) if os.path.isdir(path) else [])
+                          if os.path.isfile(os.path.join(path, d, "dataset_info.json")))
+        path = os.path.join(path, versions[-1]) if versions else path
+        if os.path.isfile(os.path.join(path, "dataset_info.json")):
+          try:
+            builder = tfds.builder_from_directory(path)
+          except Exception:  # noqa: BLE001
+            builder = None
+      if builder is None:
+        raise DatasetNotFoundError(f"tfds:{tfds_name}: no prepared dataset {tfds_name!r} in "
+                                   f"data_dir={data_dir!r}. {hint}") from None
     if not builder.is_prepared():
-      raise DatasetNotFoundError(
-          f"tfds:{tfds_name}: not prepared in data_dir={data_dir!r} (expected "
-          f"{builder.data_dir}). Prepare it with tfds (array_record format) and point config key "
-          f"data.data_dir at it (--config.data.data_dir=/path).")
-    self._ds = builder.as_data_source(split=split)
+      raise DatasetNotFoundError(f"tfds:{tfds_name}: not prepared in data_dir={data_dir!r} "
+                                 f"(expected {builder.data_dir}). {hint}")
+    splits = list(builder.info.splits)
+    if split not in splits:
+      raise ValueError(f"tfds:{tfds_name}: no split {split!r}; it has {', '.join(splits)}")
+    features = builder.info.features
+    for key in (image_key, label_key):
+      if key not in features:
+        raise ValueError(f"tfds:{tfds_name}: no feature {key!r} (features: "
+                         f"{', '.join(features.keys())}); set image_key / label_key")
     self.image_key, self.label_key = image_key, label_key
-    feat = builder.info.features[label_key]
-    self.class_names = list(getattr(feat, "names", None) or
-                            [str(i) for i in range(feat.num_classes)])
-    n = len(self._ds)
-    self.ids = np.arange(n, dtype=np.int64)
-    self._labels = None
+    self._encoded = isinstance(features[image_key], tfds.features.Image)
+    try:
+      decoders = {image_key: tfds.decode.SkipDecoding()} if self._encoded else None
+      self._ds = builder.as_data_source(split=split, decoders=decoders)
+      cheap = builder.as_data_source(split=split,
+                                     decoders={image_key: tfds.decode.SkipDecoding()})
+    except NotImplementedError:
+      raise DatasetNotFoundError(f"tfds:{tfds_name}: not prepared in the array_record format "
+                                 f"(random access needs it). {hint}") from None
+    feat = features[label_key]
+    names = getattr(feat, "names", None)
+    num = getattr(feat, "num_classes", None)
+    labels = np.array([int(cheap[i][label_key]) for i in range(len(cheap))], np.int64)
+    self.class_names = list(names) if names else [str(c) for c in range(
+        int(num) if num else int(labels.max()) + 1)]
+    self.ids = np.arange(len(labels), dtype=np.int64)
+    self.labels = labels
+    self._index = np.arange(len(labels))
+    _check_labels(self.name, split, labels, self.ids, self.num_classes,
+                  lambda i: f"record {i}")
+    if skip_bad_images:
+      ok = np.array([self._decodes(i) for i in range(len(labels))], bool)
+      if not ok.all():
+        msg = (f"{self.name}/{split}: skipped {int((~ok).sum())} of {len(ok)} undecodable images "
+               f"(skip_bad_images=True)")
+        log.warning(msg)
+        warnings.warn(msg, stacklevel=3)
+        self._index, self.ids, self.labels = self._index[ok], self.ids[ok], self.labels[ok]
 
-  @property
-  def labels(self):
-    if self._labels is None:
-      self._labels = np.array([int(self._ds[i][self.label_key]) for i in range(len(self._ds))])
-    return self._labels
+  def __getstate__(self):
+    return self.__dict__
+
+  def _decodes(self, i):
+    try:
+      self._image(int(i))
+      return True
+    except BadImageError:
+      return False
+
+  def _image(self, j, min_size=None):
+    value = self._ds[int(j)][self.image_key]
+    if self._encoded:
+      data = value if isinstance(value, bytes) else np.asarray(value).item()
+      try:
+        return open_image(io.BytesIO(data), min_size,
+                          name=f"{self.name}/{self.split} record {j}")
+      except FileNotFoundError:
+        raise BadImageError(f"{self.name}/{self.split} record {j}: empty image") from None
+    from PIL import Image
+    img = np.asarray(value)
+    if img.ndim == 2:
+      img = img[..., None]
+    if img.ndim != 3 or img.shape[-1] not in (1, 2, 3, 4):
+      raise BadImageError(f"{self.name}/{self.split} record {j}: image of shape {img.shape}")
+    if img.dtype != np.uint8:
+      hi = 65535.0 if img.dtype == np.uint16 else (1.0 if img.dtype.kind == "f" else 255.0)
+      img = np.clip(np.round(img.astype(np.float64) * (255.0 / hi)), 0, 255).astype(np.uint8)
+    img = img[..., :3] if img.shape[-1] >= 3 else np.repeat(img[..., :1], 3, -1)
+    return Image.fromarray(np.ascontiguousarray(img))
 
   def get(self, i, min_size=None):
-    from PIL import Image
-    ex = self._ds[int(i)]
-    img = np.asarray(ex[self.image_key])
-    if img.ndim == 2:
-      img = np.repeat(img[..., None], 3, -1)
-    if img.shape[-1] == 1:
-      img = np.repeat(img, 3, -1)
-    y = int(ex[self.label_key])
-    if not 0 <= y < self.num_classes:
-      raise DatasetError(f"{self.name}/{self.split}: example {i} has label {y}, outside "
-                         f"[0, {self.num_classes})")
-    return Image.fromarray(img[..., :3].astype(np.uint8)), {"label": y, "id": int(i)}
+    j = int(self._index[i])
+    img = self._image(j, min_size)
+    return img, {"label": int(self.labels[i]), "id": int(self.ids[i])}
 
 
-def get_source(name: str, split: str, data_dir: str | None = None, **kw) -> Source:
-  """Returns the random-access source `name`/`split` (see the module docstring)."""
-  skip = bool(kw.pop("skip_bad_images", False))
-  if name == "synthetic":
+_FILE_DATASETS = {
+    "cub": lambda split, d, skip: _birds_source("cub", split, d, skip),
+    "nabirds": lambda split, d, skip: _birds_source("nabirds", split, d, skip),
+    "stanford_cars": _cars_source,
+    "stanford_dogs": _dogs_source,
+    "fgvc_aircraft": _aircraft_source,
+    "folder": _folder_source,
+}
+DATASETS = tuple(_FILE_DATASETS) + ("tfds:<name>", "synthetic")
+
+
+def get_source(name: str, split: str, data_dir: str | os.PathLike | None = None,
+               **kw) -> Source:
+  """Returns the random-access source `name` / `split` (see the module docstring).
+
+  Keyword arguments: `skip_bad_images` (all but synthetic); `image_key`, `label_key` (tfds);
+  `num_classes`, `num_examples`, `image_size`, `seed`, `cache` (synthetic).
+  """
+  name = str(name).strip()
+  key = name.lower()
+  if key == "synthetic":
+    kw.pop("skip_bad_images", None)
     from fgjax.data.synthetic import SyntheticSource
     return SyntheticSource(split=split, **kw)
-  if name.startswith("tfds:"):
+  if key.startswith("tfds:"):
     return TfdsSource(name.split(":", 1)[1], split, data_dir, **kw)
+  skip = bool(kw.pop("skip_bad_images", False))
   if kw:
     raise TypeError(f"get_source({name!r}): unexpected arguments {sorted(kw)}")
-  if name == "cub":
-    return _birds_source("cub", split, data_dir, skip, ["CUB_200_2011"])
-  if name == "nabirds":
-    return _birds_source("nabirds", split, data_dir, skip, ["nabirds"])
-  if name == "stanford_cars":
-    return _cars_source(split, data_dir, skip)
-  if name == "stanford_dogs":
-    return _dogs_source(split, data_dir, skip)
-  if name == "fgvc_aircraft":
-    return _aircraft_source(split, data_dir, skip)
-  if name == "folder":
-    return _folder_source(split, data_dir, skip)
-  raise ValueError(f"config.data.name: unknown dataset {name!r}; available: cub, nabirds, "
-                   f"stanford_cars, stanford_dogs, fgvc_aircraft, folder, tfds:<name>, synthetic")
+  aliases = {"cub200": "cub", "cub_200_2011": "cub", "cars": "stanford_cars",
+             "dogs": "stanford_dogs", "aircraft": "fgvc_aircraft"}
+  key = aliases.get(key, key)
+  if key not in _FILE_DATASETS:
+    raise ValueError(f"config.data.name: unknown dataset {name!r}; available: "
+                     f"{', '.join(DATASETS)}")
+  return _FILE_DATASETS[key](split, data_dir, skip)

@@ -1,23 +1,41 @@
-"""A synthetic fine-grained dataset: "birds" that differ only in small textured parts.
+"""A synthetic fine-grained dataset: "birds" that differ only in the colours of small parts.
 
-Every image shows one bird built from a body plan shared by all classes (body, head, beak, eye,
-wing, tail, legs) at a random position, scale (body length 42-56% of the image width), rotation
-(+-25 degrees), facing direction and colours, on a cluttered background of random shapes and
-decoy textured blobs. Classes differ *only* in the textures of small parts - the crest, the
-wing patch, the tail patch and (from 65 classes on) the breast patch - each one of
-{striped, checkered, spotted, ringed}. Every texture covers about half of its part with ink, and
-ink and base colours are drawn independently of the class, so colour histograms and
-low-resolution pixels carry no class information: a model has to find the parts and read their
-texture. Each part covers at most 3% of the image.
+Every image shows one bird built from a body plan shared by all classes (tail, legs, body, wing,
+head with an eye, and three small parts: a beak, a crest and a throat) at a random position,
+scale (body length 40-54% of the image side), rotation (+-25 degrees) and facing direction, in
+random muted colours, perched on a random branch over a cluttered background (a colour gradient
+with random ellipses, boxes, lines and triangles). A class is a combination of the colours of the
+three parts, three different colours out of seven vivid ones (red, orange, yellow, green, cyan,
+blue, magenta): "a bird with a red beak, a blue crest and a yellow throat". Nothing else
+depends on the class.
 
-Examples (deterministic from (seed, split, index), any count, 2-200 classes, any size):
-  {"image": uint8 (S, S, 3), "label": int, "id": int,
-   "object_box": float32 (4,) x0, y0, x1, y1 pixels of the bird,
-   "part_boxes": float32 (P, 4) boxes of its discriminative parts (P = 3, or 4 from 65 classes),
-   "text": "a red bird with a striped crest, a spotted wing and a ringed tail."}
+Global statistics carry no class information: each image also holds four decoy blobs (round or
+square, never beak-, crest- or bar-shaped) in the four vivid colours its parts do not use, of
+the same area as a part, somewhere in the background. So every image contains each vivid colour
+exactly once in a part-sized patch, colour histograms are the same for all classes, and the
+parts are too small (each part's box is at most 3% of the image) and too randomly placed for
+low-resolution pixels to tell them apart: a logistic regression on colour histograms or on 8x8
+pixels stays near chance (figures in docs/datasets.md; `python -m fgjax.data.synthetic`
+measures them). A model has to find the beak, the crest and the throat and read their
+colours. The parts are solid, anti-aliased (2x supersampling) and at least ~5 pixels across at
+96-pixel images, so small CNNs and ViTs learn the task from a few thousand images.
+
+Up to 38 classes come from a code in which any two classes differ in at least two of the three
+parts; from 39 to 200 classes, any two differ in at least one.
+
+Examples are deterministic functions of (seed, split, index) - train, val and test draw from
+different random streams - for any count, 2-200 classes and any image size (default 224, min 32):
+
+  {"image": uint8 (S, S, 3), "label": int, "id": int (the index),
+   "object_box": float32 (4,) x0, y0, x1, y1 in pixels: the bird,
+   "part_boxes": float32 (3, 4): the beak, the crest and the throat, in pixels,
+   "text": "a grey bird with a red beak, a blue crest and a yellow throat."}
+
+Rendering takes a few milliseconds at 224 pixels (numpy + PIL ImageDraw).
 """
 from __future__ import annotations
 
+import colorsys
 import itertools
 import math
 import zlib
@@ -27,225 +45,405 @@ from PIL import Image, ImageDraw
 
 from fgjax.data.sources import Source
 
-TEXTURES = ("striped", "checkered", "spotted", "ringed")
-PARTS = ("crest", "wing", "tail", "breast")
-COLOURS = {  # name -> RGB; body and ink/base colours are drawn from here, never by class
-    "red": (200, 40, 40), "orange": (235, 140, 30), "yellow": (230, 210, 50),
-    "green": (60, 160, 70), "teal": (30, 150, 150), "blue": (50, 80, 200),
-    "purple": (130, 60, 170), "pink": (230, 120, 170), "brown": (130, 80, 40),
-    "grey": (128, 128, 128), "black": (25, 25, 25), "white": (240, 240, 240),
+PARTS = ("beak", "crest", "throat")
+PART_COLOURS = {  # the vivid colours of the parts and of the decoys
+    "red": (225, 30, 35), "orange": (255, 140, 0), "yellow": (250, 230, 30),
+    "green": (30, 190, 50), "cyan": (40, 220, 235), "blue": (35, 70, 235),
+    "magenta": (225, 40, 220),
 }
-_COLOUR_NAMES = tuple(COLOURS)
-# Part geometry in the bird's frame (units of body length L; x forward, y down):
-# centre (x, y), semi-axes (a, b).
-_PART_GEOMETRY = {
-    "crest": ((0.50, -0.43), (0.12, 0.08)),
-    "wing": ((-0.05, -0.03), (0.21, 0.09)),
-    "tail": ((-0.72, 0.0), (0.13, 0.085)),
-    "breast": ((0.28, 0.13), (0.12, 0.085)),
-}
-_PERIOD = 0.10  # texture period in units of L
-# Points that bound the bird (bird frame), for placing it inside the image.
-_BIRD_HULL = np.array([(-0.9, -0.17), (-0.9, 0.17), (0.86, -0.5), (0.86, 0.0), (0.4, -0.52),
-                       (0.0, 0.55), (0.15, 0.55), (-0.5, -0.3), (0.5, 0.3)])
-_SS = 2  # supersampling factor for anti-aliasing
+_NAMES = tuple(PART_COLOURS)
+_VIVID = np.array([PART_COLOURS[c] for c in _NAMES], np.float64)
+_SS = 2  # supersampling factor (anti-aliasing)
+MAX_PART_AREA = 0.03  # of the image area, per part box
+_PART_AREA = 0.026  # mean drawn area of each part and decoy, in units of L^2
+_AREA_JITTER = (0.75, 1.25)  # random factor on the area of each part and decoy
+_LENGTH = (0.32, 0.46)  # body length L, as a fraction of the image side
 
 
-def class_attributes(num_classes: int) -> list[tuple[int, ...]]:
-  """The part-texture combination of each class (a fixed function of num_classes)."""
+def class_attributes(num_classes: int) -> list[tuple[int, int, int]]:
+  """(beak, crest, throat) colour ids (indices into PART_COLOURS) of each class.
+
+  A fixed function of num_classes: three different colours per class; the first 38 classes form
+  a code with pairwise distance >= 2 (any two classes differ in at least two parts).
+  """
   if not 2 <= num_classes <= 200:
     raise ValueError(f"synthetic: num_classes must be in [2, 200], got {num_classes}")
-  n_parts = 3 if num_classes <= 64 else 4
-  combos = list(itertools.product(range(len(TEXTURES)), repeat=n_parts))
-  order = np.random.default_rng(12345).permutation(len(combos))
-  return [combos[i] for i in order[:num_classes]]
+  combos = list(itertools.permutations(range(len(_NAMES)), 3))
+  order = np.random.default_rng(19).permutation(len(combos))
+  combos = [combos[i] for i in order]
+  code, rest = [], []
+  for c in combos:  # greedy distance-2 code first, then everything else
+    if all(sum(a != b for a, b in zip(c, d)) >= 2 for d in code):
+      code.append(c)
+    else:
+      rest.append(c)
+  return (code + rest)[:num_classes]
 
 
-def _ellipse_points(cx, cy, a, b, n=40):
+def class_name(attributes) -> str:
+  b, c, w = (_NAMES[v] for v in attributes)
+  return f"{b}_beak-{c}_crest-{w}_throat"
+
+
+# ----------------------------------------------------------------------------- geometry
+# Bird frame: units of the body length L, x towards the head, y down.
+
+
+def _ellipse(cx, cy, a, b, n=28):
   t = np.linspace(0, 2 * np.pi, n, endpoint=False)
   return np.stack([cx + a * np.cos(t), cy + b * np.sin(t)], 1)
 
 
-class _Frame:
-  """Bird frame -> canvas pixels: scale L, rotation, mirror, translation."""
+def _polygon_area(p):
+  x, y = p[:, 0], p[:, 1]
+  return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+
+
+def _scaled_to_area(p, area, anchor):
+  """Scales polygon p about `anchor` so that its area is `area`."""
+  anchor = np.asarray(anchor, np.float64)
+  return anchor + (p - anchor) * math.sqrt(area / _polygon_area(p))
+
+
+_BODY = _ellipse(0.0, 0.0, 0.48, 0.25, 40)
+_HEAD = _ellipse(0.50, -0.21, 0.165, 0.165, 32)
+_EYE = _ellipse(0.56, -0.25, 0.036, 0.036, 14)
+_TAIL = np.array([(-0.38, -0.08), (-0.86, -0.20), (-0.90, 0.10), (-0.38, 0.07)])
+_WING = _ellipse(-0.07, -0.04, 0.31, 0.135, 32)
+_LEGS = [np.array([(-0.06, 0.2), (-0.03, 0.5)]), np.array([(0.1, 0.2), (0.13, 0.5)])]
+_FEET_Y = 0.5
+# The parts: congruent triangles (so that every part and decoy has the same area and outline),
+# drawn on top of the head / wing so that all of their area is visible.
+_TRIANGLE_H = math.sqrt(_PART_AREA * 2 / 0.58)  # height; base = 0.58 * height
+_TRIANGLE = np.array([(0.0, -0.29), (1.0, 0.0), (0.0, 0.29)]) * _TRIANGLE_H  # tip along +x
+
+
+def _placed(tri, x, y, angle):
+  c, s = math.cos(angle), math.sin(angle)
+  return tri @ np.array([[c, s], [-s, c]]) + np.array([x, y])
+
+
+_BEAK = _placed(_TRIANGLE, 0.635, -0.20, 0.0)
+_CREST = _placed(_TRIANGLE, 0.50, -0.345, -math.pi / 2)
+_THROAT = _placed(_TRIANGLE, 0.53, -0.07, math.radians(110))
+_PARTS = (_BEAK, _CREST, _THROAT)
+_ALL_POINTS = np.concatenate([_BODY, _HEAD, _TAIL, _WING, *_LEGS, *_PARTS,
+                              np.array([(-0.2, 0.52), (0.35, 0.52)])])
+
+
+class _Pose:
+  """Bird frame -> canvas pixels: scale, rotation, mirror, translation."""
 
   def __init__(self, length, angle, mirror, cx, cy):
     self.length, self.mirror, self.cx, self.cy = length, mirror, cx, cy
     self.c, self.s = math.cos(angle), math.sin(angle)
 
   def __call__(self, pts):
-    pts = np.asarray(pts, np.float64) * self.length
-    x = pts[:, 0] * (-1 if self.mirror else 1)
-    y = pts[:, 1]
+    pts = np.asarray(pts, np.float64)
+    x = pts[:, 0] * (-self.length if self.mirror else self.length)
+    y = pts[:, 1] * self.length
     return np.stack([self.cx + self.c * x - self.s * y, self.cy + self.s * x + self.c * y], 1)
 
-  def inverse(self, px, py):
-    dx, dy = px - self.cx, py - self.cy
-    x = self.c * dx + self.s * dy
-    y = -self.s * dx + self.c * dy
-    if self.mirror:
-      x = -x
-    return x / self.length, y / self.length
+
+def _box(pts: np.ndarray, limit: float) -> np.ndarray:
+  return np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()],
+                  np.float64).clip(0, limit)
 
 
-def _texture(kind: int, u, v, period, phase):
-  """Boolean ink mask (about 50% coverage) of texture `kind` at part coordinates (u, v)."""
-  uu, vv = u / period + phase[0], v / period + phase[1]
-  if kind == 0:    # striped (across the part's long axis)
-    return np.floor(uu) % 2 == 0
-  if kind == 1:    # checkered
-    return (np.floor(uu) + np.floor(vv)) % 2 == 0
-  if kind == 2:    # spotted: discs of radius 0.4 period on a square grid (pi * 0.16 ~ 50%)
-    fu, fv = uu - np.floor(uu) - 0.5, vv - np.floor(vv) - 0.5
-    return fu * fu + fv * fv < 0.16
-  r = np.sqrt(u * u + v * v) / period  # ringed: concentric rings around the part centre
-  return np.floor(2 * r + phase[0]) % 2 == 0
+# ----------------------------------------------------------------------------- rendering
+
+_MUTED_NAMES = ((0.0, "brown"), (0.11, "olive"), (0.2, "sage"), (0.45, "teal-grey"),
+                (0.55, "slate"), (0.75, "mauve"), (0.95, "brown"))
 
 
-def _paint_textured_ellipse(canvas: np.ndarray, frame: _Frame, centre, axes, kind, ink, base,
-                            phase):
-  """Paints a textured ellipse (bird frame geometry) into the (H, W, 3) uint8 canvas."""
-  pts = frame(_ellipse_points(centre[0], centre[1], axes[0], axes[1]))
-  h, w = canvas.shape[:2]
-  x0, y0 = max(int(pts[:, 0].min()) - 1, 0), max(int(pts[:, 1].min()) - 1, 0)
-  x1, y1 = min(int(pts[:, 0].max()) + 2, w), min(int(pts[:, 1].max()) + 2, h)
-  if x1 <= x0 or y1 <= y0:
-    return pts
-  py, px = np.mgrid[y0:y1, x0:x1].astype(np.float64) + 0.5
-  bx, by = frame.inverse(px, py)
-  u, v = bx - centre[0], by - centre[1]
-  inside = (u / axes[0]) ** 2 + (v / axes[1]) ** 2 <= 1.0
-  ink_mask = _texture(kind, u, v, _PERIOD, phase)
-  region = canvas[y0:y1, x0:x1]
-  region[inside & ink_mask] = ink
-  region[inside & ~ink_mask] = base
-  return pts
+def _muted(rng, s_max=0.35, v=(0.25, 0.85)):
+  """A random low-saturation colour (RGB 0..255) and its name."""
+  h, s, val = rng.uniform(0, 1), rng.uniform(0.0, s_max), rng.uniform(*v)
+  rgb = np.array(colorsys.hsv_to_rgb(h, s, val)) * 255
+  if s < 0.12:
+    name = "grey" if 0.3 < val < 0.75 else ("dark grey" if val <= 0.3 else "pale grey")
+  else:
+    name = [n for x, n in _MUTED_NAMES if h >= x][-1]
+  return rgb, name
 
 
-def _box(pts, size, scale):
-  p = np.asarray(pts) / scale
-  return np.array([np.clip(p[:, 0].min(), 0, size), np.clip(p[:, 1].min(), 0, size),
-                   np.clip(p[:, 0].max(), 0, size), np.clip(p[:, 1].max(), 0, size)], np.float32)
+def _rgb(c) -> tuple[int, int, int]:
+  return tuple(int(round(float(v))) for v in np.clip(c, 0, 255))
 
 
-def render(index: int, label: int, attributes: tuple[int, ...], image_size: int,
-           rng: np.random.Generator):
-  """Draws one example; returns (uint8 image, object_box, part_boxes, text)."""
-  size = image_size * _SS
-  colours = np.array([COLOURS[c] for c in _COLOUR_NAMES], np.float64)
-  # Background: a soft gradient plus clutter.
-  c0, c1 = rng.uniform(60, 220, 3), rng.uniform(60, 220, 3)
-  t = np.linspace(0, 1, size)[:, None, None]
-  canvas = (c0 * (1 - t) + c1 * t).repeat(size, axis=1).astype(np.uint8)
-  img = Image.fromarray(canvas)
+def _vivid(rng, i):
+  return _rgb(_VIVID[i] + rng.uniform(-12, 12, 3))
+
+
+def _background(rng, size: int) -> Image.Image:
+  c0, c1 = _muted(rng, 0.4, (0.3, 0.95))[0], _muted(rng, 0.4, (0.3, 0.95))[0]
+  t = np.linspace(0.0, 1.0, size)[:, None]
+  line = (c0 * (1 - t) + c1 * t).astype(np.uint8)  # (size, 3)
+  arr = np.broadcast_to(line[:, None, :], (size, size, 3))
+  if rng.integers(2):
+    arr = arr.transpose(1, 0, 2)
+  img = Image.fromarray(np.ascontiguousarray(arr))
   draw = ImageDraw.Draw(img)
-  for _ in range(int(rng.integers(8, 16))):
-    col = tuple(int(v) for v in rng.uniform(30, 230, 3))
-    x, y = rng.uniform(0, size, 2)
-    r = rng.uniform(0.03, 0.15) * size
-    shape = rng.integers(0, 3)
-    if shape == 0:
-      draw.ellipse([x - r, y - r * rng.uniform(0.4, 1), x + r, y + r], fill=col)
-    elif shape == 1:
-      draw.rectangle([x - r, y - r * 0.6, x + r * rng.uniform(0.5, 1.2), y + r], fill=col)
+  for _ in range(int(rng.integers(10, 18))):
+    col = _rgb(_muted(rng, 0.45, (0.15, 1.0))[0])
+    x, y = rng.uniform(-0.05, 1.05, 2) * size
+    r = rng.uniform(0.03, 0.14) * size
+    kind = int(rng.integers(4))
+    if kind == 0:
+      draw.ellipse([x - r, y - r * rng.uniform(0.3, 1), x + r, y + r], fill=col)
+    elif kind == 1:
+      draw.rectangle([x - r, y - r * rng.uniform(0.2, 1), x + r * rng.uniform(0.3, 1.2), y + r],
+                     fill=col)
+    elif kind == 2:
+      pts = [tuple(p) for p in rng.uniform(-0.05, 1.05, (int(rng.integers(2, 5)), 2)) * size]
+      draw.line(pts, fill=col, width=max(1, int(rng.uniform(0.004, 0.02) * size)))
     else:
-      pts = [tuple(p) for p in rng.uniform(0, size, (4, 2))]
-      draw.line(pts, fill=col, width=max(1, int(rng.uniform(0.005, 0.02) * size)))
-  canvas = np.array(img)
-  # Decoy textured blobs (random textures, away from nothing in particular).
-  for _ in range(int(rng.integers(1, 4))):
-    decoy = _Frame(rng.uniform(0.45, 0.7) * size, rng.uniform(-np.pi, np.pi), False,
-                   *rng.uniform(0, size, 2))
-    ink, base = colours[rng.choice(len(colours), 2, replace=False)]
-    _paint_textured_ellipse(canvas, decoy, (0.0, 0.0), (0.15, 0.09), int(rng.integers(0, 4)),
-                            ink, base, rng.uniform(0, 1, 2))
-  # The bird: scale, rotation and facing, then a position that keeps it inside the image.
-  length = rng.uniform(0.42, 0.56) * size
-  angle = np.deg2rad(rng.uniform(-25, 25))
-  mirror = bool(rng.integers(0, 2))
-  extent = _Frame(length, angle, mirror, 0.0, 0.0)(_BIRD_HULL)
-  lo, hi = -extent.min(0), size - extent.max(0)
-  cx, cy = (rng.uniform(lo[k], hi[k]) if hi[k] > lo[k] else size / 2 for k in range(2))
-  frame = _Frame(length, angle, mirror, cx, cy)
-  body_i = int(rng.integers(len(colours)))
-  body = colours[body_i]
-  dark = np.clip(body * 0.6, 0, 255)
-  img = Image.fromarray(canvas)
+      a0 = rng.uniform(0, 2 * math.pi)
+      pts = [(x + r * math.cos(a), y + r * math.sin(a))
+             for a in a0 + np.array([0, 2.1, 4.2]) + rng.uniform(-0.5, 0.5, 3)]
+      draw.polygon(pts, fill=col)
+  return img
+
+
+def _sample_pose(rng, size: int) -> _Pose:
+  """Scale, rotation, facing and a position that keeps the whole bird inside the canvas; every
+  part box stays within MAX_PART_AREA of the image."""
+  length = rng.uniform(*_LENGTH) * size
+  angle = math.radians(rng.uniform(-25, 25))
+  mirror = bool(rng.integers(2))
+  for _ in range(8):
+    pose0 = _Pose(length, angle, mirror, 0.0, 0.0)
+    worst = max(np.prod(np.ptp(pose0(p), axis=0)) for p in _PARTS) / float(size * size)
+    if worst <= MAX_PART_AREA * 0.97:
+      break
+    length *= math.sqrt(MAX_PART_AREA * 0.97 / worst)
+  extent = _Pose(length, angle, mirror, 0.0, 0.0)(_ALL_POINTS)
+  lo, hi = -extent.min(0) + 0.01 * size, size - extent.max(0) - 0.01 * size
+  cx, cy = (float(rng.uniform(lo[k], hi[k])) if hi[k] > lo[k] else size / 2 for k in range(2))
+  return _Pose(length, angle, mirror, cx, cy)
+
+
+def _jittered(part, rng):
+  """The part polygon with its area scaled by a random factor (about its base centre)."""
+  anchor = (part[0] + part[2]) / 2
+  return anchor + (part - anchor) * math.sqrt(rng.uniform(*_AREA_JITTER))
+
+
+def _overlaps(a, b) -> bool:
+  return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def render(label: int, attributes, image_size: int, rng: np.random.Generator):
+  """Draws one bird whose (beak, crest, throat) colours are `attributes` (colour ids).
+
+  Returns (uint8 (S, S, 3) image, object_box (4,), part_boxes (3, 4), text).
+  """
+  del label  # the image depends on the class only through `attributes`
+  size = int(image_size) * _SS
+  img = _background(rng, size)
   draw = ImageDraw.Draw(img)
-  poly = lambda pts: [tuple(p) for p in frame(pts)]
-  col = lambda c: tuple(int(v) for v in c)
-  outline = []
-  # legs, tail, body, wing, head, beak, eye
-  for sx in (-0.08, 0.1):
-    leg = poly([(sx, 0.2), (sx + 0.03, 0.52)])
-    draw.line(leg, fill=col(dark * 0.6), width=max(2, int(0.025 * length)))
-    outline += leg
-  tail = [(-0.40, -0.06), (-0.88, -0.16), (-0.88, 0.16), (-0.40, 0.06)]
-  draw.polygon(poly(tail), fill=col(dark))
-  body_pts = _ellipse_points(0.0, 0.0, 0.5, 0.27)
-  draw.polygon(poly(body_pts), fill=col(body))
-  draw.polygon(poly(_ellipse_points(-0.05, -0.03, 0.27, 0.12)), fill=col(dark))
-  head = _ellipse_points(0.52, -0.24, 0.17, 0.16)
-  draw.polygon(poly(head), fill=col(body))
-  beak = [(0.66, -0.29), (0.84, -0.22), (0.66, -0.17)]
-  draw.polygon(poly(beak), fill=col((210, 170, 60)))
-  draw.polygon(poly(_ellipse_points(0.57, -0.28, 0.035, 0.035, 12)), fill=(10, 10, 10))
-  canvas = np.array(img)
-  outline = np.concatenate([np.asarray(outline), frame(body_pts), frame(tail), frame(head),
-                            frame(beak)])
-  # The discriminative parts.
-  part_boxes, words = [], []
-  for p, kind in enumerate(attributes):
-    name = PARTS[p]
-    centre, axes = _PART_GEOMETRY[name]
-    ink, base = colours[rng.choice(len(colours), 2, replace=False)]
-    pts = _paint_textured_ellipse(canvas, frame, centre, axes, kind, ink, base,
-                                  rng.uniform(0, 1, 2))
-    outline = np.concatenate([outline, pts])
-    part_boxes.append(_box(pts, image_size, _SS))
-    words.append(f"a {TEXTURES[kind]} {name}")
-  image = Image.fromarray(canvas).reduce(_SS)
-  listing = ", ".join(words[:-1]) + " and " + words[-1]
-  text = f"a {_COLOUR_NAMES[body_i]} bird with {listing}."
-  return (np.asarray(image, np.uint8), _box(outline, image_size, _SS),
-          np.stack(part_boxes), text)
+  pose = _sample_pose(rng, size)
+  length = pose.length
+  width = lambda frac: max(1, int(round(frac * length)))
+
+  def poly(p, fill, outline=None):
+    draw.polygon([tuple(q) for q in p], fill=_rgb(fill),
+                 outline=None if outline is None else _rgb(outline),
+                 width=width(0.012))
+
+  # A branch to perch on.
+  feet = pose(np.array([(-0.25, _FEET_Y + 0.02), (0.40, _FEET_Y + 0.02)]))
+  d = feet[1] - feet[0]
+  d = d / (np.linalg.norm(d) + 1e-12)
+  stretch = rng.uniform(0.3, 0.8) * size
+  draw.line([tuple(feet[0] - d * stretch), tuple(feet[1] + d * stretch)],
+            fill=_rgb(rng.uniform(50, 130) * np.array([1.0, 0.78, 0.55])), width=width(0.06))
+
+  # The bird's shared body plan.
+  body, body_name = _muted(rng)
+  wing = np.clip(body * rng.choice([0.6, 1.35]), 0, 255)
+  dark = body * 0.6
+  leg_col = _rgb(rng.uniform(30, 80, 3))
+  for leg in _LEGS:
+    draw.line([tuple(q) for q in pose(leg)], fill=leg_col, width=width(0.03))
+  poly(pose(_TAIL), dark, dark * 0.6)
+  poly(pose(_BODY), body, dark * 0.6)
+  poly(pose(_WING), wing, dark * 0.6)
+  poly(pose(_HEAD), body, dark * 0.6)
+  draw.polygon([tuple(q) for q in pose(_EYE)], fill=(15, 15, 15), outline=(235, 235, 235),
+               width=width(0.014))
+  part_pts = [pose(_jittered(p, rng)) for p in _PARTS]
+  part_bbs = [_box(p, size) for p in part_pts]
+
+  # Decoys: part-sized triangles in the four vivid colours the parts do not use, each where a
+  # part of another random bird pose would be (so decoys and parts share one spatial
+  # distribution), randomly rotated, clear of the parts and of each other where possible.
+  tri = (_TRIANGLE - _TRIANGLE.mean(0)) * length
+  r = float(np.max(np.linalg.norm(tri, axis=1)))
+  taken = list(part_bbs)
+  for ci in (c for c in range(len(_NAMES)) if c not in attributes):
+    for _ in range(30):
+      virtual = _sample_pose(rng, size)
+      centre = virtual(_PARTS[int(rng.integers(len(_PARTS)))]).mean(0).clip(r + 1, size - r - 1)
+      dec = _placed(tri * math.sqrt(rng.uniform(*_AREA_JITTER)), centre[0], centre[1],
+                    rng.uniform(0, 2 * math.pi))
+      bb = _box(dec, size)
+      if not any(_overlaps(bb, t) for t in taken):
+        break
+    taken.append(bb)
+    poly(dec, _vivid(rng, ci))
+  # The parts, on top.
+  for pts, ci in zip(part_pts, attributes):
+    poly(pts, _vivid(rng, ci))
+
+  image = img.reduce(_SS) if _SS > 1 else img
+  s = float(_SS)
+  part_boxes = np.stack([_box(p / s, image_size) for p in part_pts]).astype(np.float32)
+  bird = np.concatenate([pose(_BODY), pose(_HEAD), pose(_TAIL), *map(pose, _LEGS),
+                         *part_pts]) / s
+  object_box = _box(bird, image_size).astype(np.float32)
+  b, c, w = (_NAMES[v] for v in attributes)
+  text = f"{_a(body_name)} {body_name} bird with {_a(b)} {b} beak, {_a(c)} {c} crest and " \
+         f"{_a(w)} {w} throat."
+  return np.asarray(image, np.uint8), object_box, part_boxes, text
+
+
+def _a(word: str) -> str:
+  return "an" if word[0] in "aeiou" else "a"
 
 
 class SyntheticSource(Source):
   """`get_source("synthetic", split, num_classes=20, num_examples=None, image_size=224, seed=0)`.
 
-  num_examples defaults to 50 per class for train and 20 per class for test/val. Labels cycle
-  through the classes (balanced); train, val and test draw from separate random streams.
+  num_examples defaults to 50 per class for train and 20 per class for val/test. Labels cycle
+  through the classes (example i has label i % num_classes, so every class is balanced); the
+  splits draw from separate random streams, so no image repeats across splits. `cache=True`
+  keeps rendered examples in memory (each is rendered once per process): for small demo
+  datasets where rendering would otherwise compete with training for the CPU.
   """
   box_shapes: dict = {}
 
   def __init__(self, split: str = "train", num_classes: int = 20, num_examples: int | None = None,
-               image_size: int = 224, seed: int = 0):
+               image_size: int = 224, seed: int = 0, cache: bool = False):
     if split not in ("train", "val", "test"):
       raise ValueError(f"synthetic: unknown split {split!r}; use train, val or test")
-    if image_size < 32:
+    if int(image_size) < 32:
       raise ValueError(f"synthetic: image_size must be >= 32, got {image_size}")
     self.name, self.split = "synthetic", split
-    self.attributes = class_attributes(num_classes)
-    self.class_names = [
-        "-".join(f"{TEXTURES[k]}_{PARTS[p]}" for p, k in enumerate(a)) for a in self.attributes]
+    self.attributes = class_attributes(int(num_classes))
+    self.class_names = [class_name(a) for a in self.attributes]
     if num_examples is None:
-      num_examples = (50 if split == "train" else 20) * num_classes
+      num_examples = (50 if split == "train" else 20) * int(num_classes)
+    if int(num_examples) < 0:
+      raise ValueError(f"synthetic: num_examples must be >= 0, got {num_examples}")
     self.image_size, self.seed = int(image_size), int(seed)
     self._split_code = zlib.crc32(split.encode())
     n = int(num_examples)
     self.ids = np.arange(n, dtype=np.int64)
-    self.labels = self.ids % num_classes
-    n_parts = len(self.attributes[0])
-    self.box_shapes = {"object_box": (4,), "part_boxes": (n_parts, 4)}
+    self.labels = self.ids % int(num_classes)
+    self.box_shapes = {"object_box": (4,), "part_boxes": (len(PARTS), 4)}
+    self._cache = {} if cache else None
+
+  def __getstate__(self):  # grain worker processes start with an empty cache
+    state = dict(self.__dict__)
+    if state.get("_cache") is not None:
+      state["_cache"] = {}
+    return state
 
   def example(self, i: int) -> dict:
+    """Example i (0 <= i < len)."""
+    if self._cache is not None:
+      ex = self._cache.get(i)
+      if ex is None:
+        ex = self._cache[i] = self._render(i)
+      return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in ex.items()}
+    return self._render(i)
+
+  def _render(self, i: int) -> dict:
     rng = np.random.default_rng([self.seed, self._split_code, int(i)])
     label = int(self.labels[i])
-    image, obj, parts, text = render(int(i), label, self.attributes[label], self.image_size, rng)
+    image, obj, parts, text = render(label, self.attributes[label], self.image_size, rng)
     return {"image": image, "label": label, "id": int(self.ids[i]), "object_box": obj,
             "part_boxes": parts, "text": text}
 
   def get(self, i, min_size=None):
-    ex = self.example(i)
+    ex = self.example(int(i))
     return Image.fromarray(ex.pop("image")), ex
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def global_features(images: np.ndarray, kind: str) -> np.ndarray:
+  """Global-statistics features of uint8 (N, S, S, 3) images.
+
+  "pixels8": the image downsampled to 8x8 (area average), 192 values in [0, 1].
+  "histogram": a joint RGB colour histogram with 8 bins per channel (512 bins, normalised).
+  """
+  images = np.asarray(images, np.uint8)
+  if kind == "pixels8":
+    return np.stack([np.asarray(Image.fromarray(im).resize((8, 8), Image.BOX), np.float32)
+                     for im in images]).reshape(len(images), -1) / 255.0
+  if kind == "histogram":
+    q = (images >> 5).astype(np.int32)
+    codes = (q[..., 0] * 64 + q[..., 1] * 8 + q[..., 2]).reshape(len(images), -1)
+    hist = np.stack([np.bincount(c, minlength=512) for c in codes]).astype(np.float32)
+    return hist / codes.shape[1]
+  raise ValueError(f"unknown feature kind {kind!r}")
+
+
+def logistic_regression_accuracy(x_train, y_train, x_test, y_test, l2: float = 1e-3,
+                                 max_iter: int = 500) -> float:
+  """Test accuracy of a multinomial logistic regression (standardised features, L2 penalty
+  `l2` on the weights, fitted to convergence with L-BFGS)."""
+  import scipy.optimize
+  mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+  xtr = ((x_train - mu) / sd).astype(np.float64)
+  xte = ((x_test - mu) / sd).astype(np.float64)
+  n, d = xtr.shape
+  k = int(max(y_train.max(), y_test.max())) + 1
+  onehot = np.eye(k)[y_train]
+
+  def loss(theta):
+    w, b = theta[:d * k].reshape(d, k), theta[d * k:]
+    z = xtr @ w + b
+    z -= z.max(1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(1, keepdims=True)
+    val = -np.mean(np.log(p[np.arange(n), y_train] + 1e-12)) + 0.5 * l2 * np.sum(w * w)
+    g = (p - onehot) / n
+    return val, np.concatenate([(xtr.T @ g + l2 * w).ravel(), g.sum(0)])
+
+  res = scipy.optimize.minimize(loss, np.zeros(d * k + k), jac=True, method="L-BFGS-B",
+                                options={"maxiter": max_iter})
+  w, b = res.x[:d * k].reshape(d, k), res.x[d * k:]
+  return float(np.mean(np.argmax(xte @ w + b, 1) == y_test))
+
+
+def global_baselines(num_classes: int = 20, num_train: int = 2000, num_test: int = 1000,
+                     image_size: int = 48, seed: int = 0, l2: float = 1e-3) -> dict:
+  """Accuracy of logistic regressions on global statistics (see `global_features`): a check
+  that the dataset is not solvable without finding the parts. Returns {kind: accuracy,
+  "chance": 1 / num_classes}."""
+  train = SyntheticSource("train", num_classes, num_train, image_size, seed)
+  test = SyntheticSource("test", num_classes, num_test, image_size, seed)
+  xtr = np.stack([train[i]["image"] for i in range(len(train))])
+  xte = np.stack([test[i]["image"] for i in range(len(test))])
+  out = {"chance": 1.0 / num_classes}
+  for kind in ("pixels8", "histogram"):
+    out[kind] = logistic_regression_accuracy(global_features(xtr, kind), train.labels,
+                                             global_features(xte, kind), test.labels, l2)
+  return out
+
+
+if __name__ == "__main__":
+  import argparse
+  parser = argparse.ArgumentParser(description="Global-statistics baselines of the synthetic "
+                                               "dataset (logistic regressions).")
+  parser.add_argument("--classes", type=int, default=20)
+  parser.add_argument("--train", type=int, default=2000)
+  parser.add_argument("--test", type=int, default=1000)
+  parser.add_argument("--size", type=int, default=48)
+  parser.add_argument("--l2", type=float, default=1e-3)
+  a = parser.parse_args()
+  print(global_baselines(a.classes, a.train, a.test, a.size, l2=a.l2))

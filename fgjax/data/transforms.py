@@ -1,16 +1,21 @@
 """Image transforms (PIL/numpy, per example, deterministic given an rng).
 
-Train: resize (shorter side to `resize_size`, or the whole image to a square with
-`resize_mode="square"`) -> random crop `image_size` -> horizontal flip (p=0.5) -> random
-sharpness (factor `sharpness`, p=0.5, like torchvision's RandomAdjustSharpness) -> optional
-RandAugment / AutoAugment (ImageNet policy) -> normalise.
-Eval: resize -> centre crop -> normalise.
+Train (`train_crop`): resize (shorter side to `resize_size`, or the whole image to a
+resize_size x resize_size square with `resize_mode="square"`) -> random crop `image_size` ->
+horizontal flip (p=0.5) -> random sharpness (factor `sharpness` with probability `sharpness_p`,
+like torchvision's RandomAdjustSharpness) -> optional AutoAugment (ImageNet policy) ->
+optional RandAugment. Eval (`eval_crop`): resize -> centre crop. Both return uint8 crops;
+`Normalizer` turns them into float32 (x / 255 - mean) / std with ImageNet ("imagenet") or
+0.5 / 0.5 ("half") statistics.
 
 The resize and the crop are fused: the crop window is mapped back to the source image and only
-the `image_size`^2 output pixels are resampled (`Image.resize(..., box=...)`), which is what
-makes 448-pixel training crops cheap on the host. Boxes (x0, y0, x1, y1 in pixels) follow the
-same geometry (resize, crop, flip) and are clipped to the crop; a box that falls outside becomes
-all -1 (padding).
+the image_size^2 output pixels are resampled (`Image.resize(size, box=...)`, bicubic), which is
+what makes 448-pixel training crops cheap on the host; flipping and sharpening work on the small
+uint8 crop; normalisation is one table lookup per pixel into a float32 table.
+
+Boxes (x0, y0, x1, y1 in pixels) follow the same geometry (resize, crop, flip) and are clipped
+to the crop; a box that falls outside (or was invalid) becomes all -1. RandAugment /
+AutoAugment geometric ops (rotate, shear, translate) do not move boxes.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def normalization(kind: str):
+  """(mean, std) float32 (3,) of `kind` ("imagenet" or "half")."""
   if kind == "imagenet":
     return np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
   if kind in ("half", "0.5", "inception"):
@@ -29,18 +35,28 @@ def normalization(kind: str):
   raise ValueError(f"config.data.normalize must be 'imagenet' or 'half', got {kind!r}")
 
 
+class Normalizer:
+  """uint8 (..., 3) -> float32 (x / 255 - mean) / std through a (3 * 256) float32 table."""
+
+  def __init__(self, kind: str = "imagenet"):
+    mean, std = normalization(kind)
+    values = np.arange(256, dtype=np.float64)[None, :] / 255.0
+    self.kind = kind
+    self.table = ((values - mean[:, None]) / std[:, None]).astype(np.float32).reshape(-1)
+    self._offsets = np.array([0, 256, 512], np.uint16)
+
+  def __call__(self, img_u8: np.ndarray) -> np.ndarray:
+    idx = np.asarray(img_u8, np.uint8) + self._offsets  # uint16 (..., 3)
+    return np.take(self.table, idx)
+
+
 def normalize_image(img_u8: np.ndarray, kind: str = "imagenet") -> np.ndarray:
   """uint8 (H, W, 3) -> float32 (x / 255 - mean) / std."""
-  mean, std = normalization(kind)
-  scale = (1.0 / (255.0 * std)).astype(np.float32)
-  offset = (-mean / std).astype(np.float32)
-  out = img_u8.astype(np.float32)
-  out *= scale
-  out += offset
-  return out
+  return Normalizer(kind)(img_u8)
 
 
-def _resized_size(w, h, resize_size, mode):
+def resized_size(w: int, h: int, resize_size: int, mode: str = "shorter") -> tuple[int, int]:
+  """Size (w, h) of the resized image before cropping."""
   if mode == "square":
     return resize_size, resize_size
   if mode != "shorter":
@@ -56,26 +72,25 @@ def resized_crop(img: Image.Image, resize_size: int, image_size: int, offset, mo
   Returns (crop, (sx, sy, ox, oy)): a source point (x, y) maps to (x * sx - ox, y * sy - oy).
   """
   w, h = img.size
-  rw, rh = _resized_size(w, h, resize_size, mode)
+  rw, rh = resized_size(w, h, resize_size, mode)
   if image_size > min(rw, rh):
     raise ValueError(f"image_size {image_size} is larger than the resized image {rw}x{rh} "
                      f"(config.data.resize_size={resize_size})")
   sx, sy = rw / w, rh / h
   ox, oy = offset
   box = (ox / sx, oy / sy, (ox + image_size) / sx, (oy + image_size) / sy)
-  crop = img.resize((image_size, image_size), resample, box=box,
-                    reducing_gap=None)
+  crop = img.resize((image_size, image_size), resample, box=box, reducing_gap=None)
   return crop, (sx, sy, ox, oy)
 
 
-def transform_boxes(boxes: np.ndarray, geom, image_size: int, flip: bool) -> np.ndarray:
-  """Maps (..., 4) boxes through resize+crop(+flip); invalid or outside boxes -> -1."""
+def transform_boxes(boxes, geom, image_size: int, flip: bool) -> np.ndarray:
+  """Maps (..., 4) boxes through resize + crop (+ flip); invalid or outside boxes -> -1."""
   boxes = np.asarray(boxes, np.float32)
   if boxes.size == 0:
-    return boxes
+    return boxes.reshape(boxes.shape)
   sx, sy, ox, oy = geom
-  b = boxes.reshape(-1, 4).copy()
-  valid = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+  b = boxes.reshape(-1, 4).astype(np.float32)
+  valid = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]) & (b.min(1) >= 0)
   b[:, [0, 2]] = b[:, [0, 2]] * sx - ox
   b[:, [1, 3]] = b[:, [1, 3]] * sy - oy
   b = np.clip(b, 0, image_size)
@@ -182,14 +197,14 @@ def _apply_op(img, name, level, rng):
 
 
 def randaugment(img, rng, num_ops: int = 2, magnitude: float = 9.0):
-  """RandAugment (Cubek et al. 2020): `num_ops` uniformly chosen ops at `magnitude` (0-10)."""
+  """RandAugment (Cubuk et al. 2020): `num_ops` uniformly chosen ops at `magnitude` (0-10)."""
   for _ in range(num_ops):
     img = _apply_op(img, _RANDAUGMENT_OPS[int(rng.integers(len(_RANDAUGMENT_OPS)))],
                     magnitude, rng)
   return img
 
 
-def autoaugment(img, rng, policy=AUTOAUGMENT_IMAGENET):
+def autoaugment_imagenet(img, rng, policy=AUTOAUGMENT_IMAGENET):
   """AutoAugment: one random sub-policy; each op applied with its probability."""
   for name, prob, level in policy[int(rng.integers(len(policy)))]:
     if rng.random() < prob:
@@ -200,41 +215,60 @@ def autoaugment(img, rng, policy=AUTOAUGMENT_IMAGENET):
 # ----------------------------------------------------------------------------- full transforms
 
 
-def train_transform(img: Image.Image, rng: np.random.Generator, *, image_size: int,
-                    resize_size: int, resize_mode: str = "shorter", flip: bool = True,
-                    sharpness: float = 0.0, randaugment_ops: int = 0,
-                    randaugment_magnitude: float = 9.0, autoaugment_policy: bool = False,
-                    normalize_kind: str = "imagenet", boxes: dict | None = None):
-  """Returns (float32 image, transformed boxes dict)."""
+def _as_pil(img):
+  return Image.fromarray(np.asarray(img, np.uint8)) if isinstance(img, np.ndarray) else img
+
+
+def train_crop(img, rng: np.random.Generator, *, image_size: int, resize_size: int,
+               resize_mode: str = "shorter", flip: bool = True, sharpness: float = 0.0,
+               sharpness_p: float = 0.5, randaugment_ops: int = 0,
+               randaugment_magnitude: float = 9.0, autoaugment: bool = False,
+               boxes: dict | None = None):
+  """The train augmentation (module docstring) -> (uint8 (S, S, 3) crop, transformed boxes)."""
+  img = _as_pil(img)
   w, h = img.size
-  rw, rh = _resized_size(w, h, resize_size, resize_mode)
-  ox = int(rng.integers(0, rw - image_size + 1)) if rw > image_size else 0
-  oy = int(rng.integers(0, rh - image_size + 1)) if rh > image_size else 0
+  rw, rh = resized_size(w, h, resize_size, resize_mode)
+  ox = int(rng.integers(0, rw - image_size + 1))
+  oy = int(rng.integers(0, rh - image_size + 1))
   crop, geom = resized_crop(img, resize_size, image_size, (ox, oy), resize_mode)
-  do_flip = bool(flip and rng.random() < 0.5)
+  do_flip = bool(flip) and rng.random() < 0.5
   if do_flip:
-    crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-  if sharpness and rng.random() < 0.5:
-    crop = ImageEnhance.Sharpness(crop).enhance(sharpness)
-  if autoaugment_policy:
-    crop = autoaugment(crop, rng)
+    crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  if sharpness and rng.random() < sharpness_p:
+    crop = ImageEnhance.Sharpness(crop).enhance(float(sharpness))
+  if autoaugment:
+    crop = autoaugment_imagenet(crop, rng)
   if randaugment_ops:
     crop = randaugment(crop, rng, randaugment_ops, randaugment_magnitude)
   out_boxes = {k: transform_boxes(v, geom, image_size, do_flip) for k, v in (boxes or {}).items()}
-  return normalize_image(np.asarray(crop, np.uint8), normalize_kind), out_boxes
+  return np.asarray(crop, np.uint8), out_boxes
+
+
+def eval_crop(img, *, image_size: int, resize_size: int, resize_mode: str = "shorter",
+              boxes: dict | None = None):
+  """Resize + centre crop -> (uint8 (S, S, 3) crop, transformed boxes)."""
+  img = _as_pil(img)
+  w, h = img.size
+  rw, rh = resized_size(w, h, resize_size, resize_mode)
+  crop, geom = resized_crop(img, resize_size, image_size,
+                            ((rw - image_size) // 2, (rh - image_size) // 2), resize_mode)
+  out_boxes = {k: transform_boxes(v, geom, image_size, False) for k, v in (boxes or {}).items()}
+  return np.asarray(crop, np.uint8), out_boxes
+
+
+def train_transform(img, rng: np.random.Generator, *, image_size: int, resize_size: int,
+                    normalize: str = "imagenet", boxes: dict | None = None, **augment):
+  """`train_crop` + normalisation -> (float32 (S, S, 3) image, transformed boxes)."""
+  u8, out_boxes = train_crop(img, rng, image_size=image_size, resize_size=resize_size,
+                             boxes=boxes, **augment)
+  return Normalizer(normalize)(u8), out_boxes
 
 
 def eval_transform(img, *, image_size: int, resize_size: int, resize_mode: str = "shorter",
                    normalize: str = "imagenet", boxes: dict | None = None,
                    return_boxes: bool = False):
   """Resize + centre crop + normalise. `img` may be a PIL image or a uint8 array."""
-  if isinstance(img, np.ndarray):
-    img = Image.fromarray(img)
-  w, h = img.size
-  rw, rh = _resized_size(w, h, resize_size, resize_mode)
-  offset = ((rw - image_size) // 2, (rh - image_size) // 2)
-  crop, geom = resized_crop(img, resize_size, image_size, offset, resize_mode)
-  out = normalize_image(np.asarray(crop, np.uint8), normalize)
-  if return_boxes:
-    return out, {k: transform_boxes(v, geom, image_size, False) for k, v in (boxes or {}).items()}
-  return out
+  u8, out_boxes = eval_crop(img, image_size=image_size, resize_size=resize_size,
+                            resize_mode=resize_mode, boxes=boxes)
+  out = Normalizer(normalize)(u8)
+  return (out, out_boxes) if return_boxes else out

@@ -169,8 +169,7 @@ def export_teacher(workdir: str, output: str | None = None, which: str = "best",
   cfg, model, method, variables, info = _restore(workdir, which, config)
   mesh = trainer.make_mesh(cfg)
   dcfg = cfg.data
-  kw = dict(dcfg.get("source_kwargs", {}) or {})
-  train_src = fgdata.get_source(dcfg.name, "train", dcfg.get("data_dir"), **kw)
+  train_src = trainer.get_source(cfg, "train")
   bs = int(cfg.get("eval_batch_size", cfg.batch_size))
   from jax.sharding import NamedSharding, PartitionSpec as P
   repl = NamedSharding(mesh, P())

@@ -116,16 +116,25 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def get_sources(config):
   """(train, val or None, test) sources per config.data."""
   dcfg = config.data
-  kw = dict(dcfg.get("source_kwargs", {}) or {})
-  if dcfg.get("skip_bad_images"):
-    kw["skip_bad_images"] = True
-  train = fgdata.get_source(dcfg.name, "train", dcfg.get("data_dir"), **kw)
-  test = fgdata.get_source(dcfg.name, dcfg.get("test_split", "test"), dcfg.get("data_dir"), **kw)
+  test_split = dcfg.get("test_split", "test")
+  train = get_source(config, "train")
+  test = get_source(config, test_split)
   val = None
   frac = float(dcfg.get("val_fraction", 0.0) or 0.0)
   if frac > 0:
     train, val = fgdata.split_train_val(train, frac, seed=int(config.seed))
   return train, val, test
+
+
+def get_source(config, split: str):
+  """`fgjax.data.get_source` with `data.source_kwargs`, merged with `data.split_kwargs[split]`
+  (e.g. different synthetic example counts per split)."""
+  dcfg = config.data
+  kw = dict(dcfg.get("source_kwargs", {}) or {})
+  kw.update(dict((dcfg.get("split_kwargs", {}) or {}).get(split, {}) or {}))
+  if dcfg.get("skip_bad_images"):
+    kw["skip_bad_images"] = True
+  return fgdata.get_source(dcfg.name, split, dcfg.get("data_dir"), **kw)
 
 
 def _pipeline_kwargs(config, train: bool) -> dict:
@@ -526,6 +535,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
         json.dump(result, f, indent=2)
+    n_vis = int(config.get("visualize_examples", 0) or 0)
+    if n_vis and hasattr(model, "grid"):
+      ckpt.wait()
+      from fgjax.train import modes
+      modes.visualize(workdir, [], num_images=n_vis, which=which)
     return result
   finally:
     stop.restore()
