@@ -54,7 +54,8 @@ def get_config(arg=None):
   t.method = "classifier"
   t.model.name = "cnn_small"
   t.model.img_size = 96
-  t.model.kwargs = dict(widths=(32, 64, 128, 256), convs_per_stage=1, stem_stride=2)
+  t.model.kwargs = dict(widths=(16, 32, 64, 128), convs_per_stage=1, stem_stride=2, norm=True,
+                        pool="max")
   t.data = c.data.copy_and_resolve_references()
   t.batch_size = 64
   t.eval_batch_size = 128

@@ -11,7 +11,7 @@
 Modules: `sources` (dataset layouts, errors), `images` (decoding to RGB uint8), `synthetic`
 (the synthetic fine-grained birds), `transforms` (crops, flips, sharpness, RandAugment /
 AutoAugment, normalisation, boxes) and `pipeline` (grain loaders, sharding, resume).
-docs/datasets.md describes the folder layouts and options.
+The README (section Datasets) describes the folder layouts and options.
 """
 from fgjax.data.images import BadImageError, load_image, open_image
 from fgjax.data.pipeline import (EvalLoader, Loader, make_eval_loader, make_train_loader,

@@ -200,6 +200,11 @@ def _finish(ds: grain.MapDataset, worker_count: int, prefetch: int,
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(threads),
                                             prefetch_buffer_size=max(prefetch, int(threads))))
   if worker_count and int(worker_count) > 0:
+    # grain's worker processes read absl flags; outside an absl app (a notebook, pytest) they
+    # are unparsed and grain fails, so fall back to the flag defaults.
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count),
                                                      per_worker_buffer_size=prefetch))
   return it

@@ -4,7 +4,7 @@
 `source[i] -> {"image": uint8 (H, W, 3) RGB, "label": int, "id": int, ...}`, `source.class_names`,
 `source.num_classes`, and `source.ids` / `source.labels` (numpy arrays, known without decoding).
 
-Names and the files each reads (folder trees in docs/datasets.md):
+Names and the files each reads (folder trees in the README, section Datasets):
   cub             CUB_200_2011/ (data_dir may be it or its parent): images.txt,
                   image_class_labels.txt, train_test_split.txt, classes.txt,
                   bounding_boxes.txt, images/.          ids: CUB image ids; "object_box"
@@ -81,7 +81,7 @@ _ORIGIN = {
     "folder": "your own images, one sub-folder per class under train/ and val/ or test/",
 }
 _HOW = ("Point config key data.data_dir at it (--config.data.data_dir=/path/to/it); "
-        "see docs/datasets.md.")
+        "see the README, section Datasets.")
 
 
 def _missing(name: str, data_dir, what: str) -> DatasetNotFoundError:

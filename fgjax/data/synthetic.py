@@ -9,16 +9,17 @@ three parts, three different colours out of seven vivid ones (red, orange, yello
 blue, magenta): "a bird with a red beak, a blue crest and a yellow throat". Nothing else
 depends on the class.
 
-Global statistics carry no class information: each image also holds four decoy blobs (round or
-square, never beak-, crest- or bar-shaped) in the four vivid colours its parts do not use, of
-the same area as a part, somewhere in the background. So every image contains each vivid colour
-exactly once in a part-sized patch, colour histograms are the same for all classes, and the
-parts are too small (each part's box is at most 3% of the image) and too randomly placed for
-low-resolution pixels to tell them apart: a logistic regression on colour histograms or on 8x8
-pixels stays near chance (figures in docs/datasets.md; `python -m fgjax.data.synthetic`
-measures them). A model has to find the beak, the crest and the throat and read their
-colours. The parts are solid, anti-aliased (2x supersampling) and at least ~5 pixels across at
-96-pixel images, so small CNNs and ViTs learn the task from a few thousand images.
+Global statistics carry no class information: each image also holds four decoys - triangles
+congruent to the parts, in the four vivid colours its parts do not use, placed where a part of
+another random bird pose would be, randomly rotated. So every image contains each vivid colour
+exactly once in a part-sized triangle, colour histograms are the same for all classes, and a
+part differs from a decoy only by where it sits on the bird: a logistic regression on colour
+histograms or on 8x8 pixels stays near chance (figures in the README, Datasets;
+`python -m fgjax.data.synthetic` measures them). A model has to find the beak, the crest and
+the throat and read their colours. The parts are solid and anti-aliased (2x supersampling).
+Small CNNs with global max pooling learn the task from a few thousand images; plain ViTs
+trained from scratch need far more steps (a hard case by design: only the parts' positions
+relative to the head separate them from the decoys).
 
 Up to 38 classes come from a code in which any two classes differ in at least two of the three
 parts; from 39 to 200 classes, any two differ in at least one.

@@ -1,4 +1,4 @@
-"""A small plain CNN (VGG-style stages, no normalisation layers) for CPU demos and tests.
+"""A small plain CNN (VGG-style stages, optional GroupNorm) for CPU demos and tests.
 
 Used as the demo's teacher: a convolutional teacher gives the student the CNN inductive bias
 that DeiT's hard distillation is meant to transfer (Touvron et al. 2021, section 5.1).
@@ -19,6 +19,8 @@ class SmallCNN(nn.Module):
   widths: Sequence[int] = (32, 64, 128, 256)
   convs_per_stage: int = 2
   stem_stride: int = 1  # 2: the first conv halves the resolution (cheaper on CPU)
+  norm: bool = False  # GroupNorm(8) after every conv (modules stage{s}_norm{j})
+  pool: str = "mean"  # global pooling of the last map: "mean" or "max"
   drop_rate: float = 0.0
   head_zeroinit: bool = True
   dtype: Any = jnp.float32
@@ -35,11 +37,17 @@ class SmallCNN(nn.Module):
         x = nn.Conv(w, (3, 3), strides=(stride, stride), padding="SAME", dtype=self.dtype,
                     param_dtype=self.param_dtype, kernel_init=nn.initializers.he_normal(),
                     name=f"stage{s}_conv{j}")(x)
+        if self.norm:
+          x = nn.GroupNorm(num_groups=min(8, w), dtype=self.dtype, param_dtype=self.param_dtype,
+                           name=f"stage{s}_norm{j}")(x)
         x = nn.relu(x)
       stages.append(x)
       if s < len(self.widths) - 1:
         x = nn.max_pool(x, (2, 2), (2, 2))
-    feat = x.mean(axis=(1, 2))
+    if self.pool not in ("mean", "max"):
+      raise ValueError(f"SmallCNN pool must be 'mean' or 'max', got {self.pool!r}")
+    # Max pooling keeps a small part's evidence that averaging dilutes over the whole map.
+    feat = x.max(axis=(1, 2)) if self.pool == "max" else x.mean(axis=(1, 2))
     feat = nn.Dropout(self.drop_rate)(feat, deterministic=not train)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                       kernel_init=nn.initializers.zeros if self.head_zeroinit else

@@ -142,6 +142,7 @@ def _pipeline_kwargs(config, train: bool) -> dict:
   kw = dict(image_size=int(config.model.img_size),
             resize_size=int(dcfg.get("resize_size", config.model.img_size)),
             normalize=dcfg.get("normalize", "imagenet"),
+            resize_mode=dcfg.get("resize_mode", "shorter"),
             worker_count=int(dcfg.get("worker_count", 0)),
             prefetch=int(dcfg.get("prefetch", 2)))
   if train:

@@ -1,0 +1,225 @@
+"""Input pipelines (grain): determinism, per-process sharding, resume, eval masks; the
+synthetic dataset's guarantees."""
+import json
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import data_fixtures as fx
+from fgjax.data import (get_source, make_eval_loader, make_train_loader, synthetic,
+                        to_global_batch)
+
+SIZE = 32
+
+
+def _synth(n=24, classes=4, split="train", size=40):
+  return get_source("synthetic", split, num_classes=classes, num_examples=n, image_size=size)
+
+
+def _train(src, batch=8, seed=0, **kw):
+  kw.setdefault("threads", 1)
+  return make_train_loader(src, global_batch_size=batch, image_size=SIZE, resize_size=36,
+                           seed=seed, **kw)
+
+
+def _take(loader, n):
+  return [next(loader) for _ in range(n)]
+
+
+def _same(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_train_batches_shapes_and_determinism():
+  src = _synth()
+  a = _take(_train(src), 4)
+  b = _take(_train(src), 4)
+  for x, y in zip(a, b):
+    _same(x, y)
+  assert a[0]["image"].shape == (8, SIZE, SIZE, 3) and a[0]["image"].dtype == np.float32
+  assert a[0]["label"].shape == (8,) and a[0]["part_boxes"].shape == (8, 3, 4)
+  c = _take(_train(src, seed=1), 1)[0]
+  assert not np.array_equal(a[0]["id"], c["id"]) or not np.array_equal(a[0]["image"],
+                                                                       c["image"])
+
+
+def test_each_epoch_is_a_permutation_and_epochs_reshuffle():
+  src = _synth(n=24)
+  ids = np.concatenate([b["id"] for b in _take(_train(src), 6)])  # 2 epochs of 24
+  assert sorted(ids[:24].tolist()) == list(range(24))
+  assert sorted(ids[24:].tolist()) == list(range(24))
+  assert ids[:24].tolist() != ids[24:].tolist()
+
+
+def test_two_processes_read_disjoint_shards_that_make_the_single_process_batch():
+  src = _synth(n=24)
+  single = _take(_train(src), 4)
+  shards = [_take(_train(src, shard_index=p, shard_count=2), 4) for p in range(2)]
+  for b, whole in enumerate(single):
+    p0, p1 = shards[0][b], shards[1][b]
+    assert p0["image"].shape[0] == p1["image"].shape[0] == 4
+    assert not set(p0["id"].tolist()) & set(p1["id"].tolist())
+    assert sorted(p0["id"].tolist() + p1["id"].tolist()) == sorted(whole["id"].tolist())
+    # Process p holds the global stream positions congruent to p mod 2, augmented identically.
+    for p, part in enumerate((p0, p1)):
+      for k in ("image", "label", "id", "part_boxes"):
+        np.testing.assert_array_equal(part[k], whole[k][p::2], err_msg=k)
+
+
+def test_resume_from_saved_state_yields_the_uninterrupted_batches():
+  src = _synth(n=20)
+  ref = _take(_train(src), 7)
+  loader = _train(src)
+  _take(loader, 3)
+  state = json.dumps(loader.get_state())  # what the trainer writes to disk
+  fresh = _train(src)
+  fresh.set_state(state)
+  for got, want in zip(_take(fresh, 4), ref[3:]):
+    _same(got, want)
+
+
+def test_worker_processes_give_the_same_batches():
+  src = _synth(n=16)
+  want = _take(_train(src), 3)
+  with _train(src, worker_count=2) as loader:
+    got = _take(loader, 3)
+  for g, w in zip(got, want):
+    _same(g, w)
+
+
+@pytest.mark.parametrize("n", [10, 16, 17])
+def test_eval_sees_every_example_once_across_processes(n):
+  src = _synth(n=n, split="test")
+  seen = []
+  lens = []
+  for p in range(2):
+    loader = make_eval_loader(src, global_batch_size=8, image_size=SIZE, resize_size=36,
+                              shard_index=p, shard_count=2, threads=1)
+    batches = list(loader)
+    lens.append(len(batches))
+    assert len(batches) == len(loader) == -(-n // 8)
+    for b in batches:
+      assert b["image"].shape == (4, SIZE, SIZE, 3) and b["mask"].dtype == bool
+      seen += b["id"][b["mask"]].tolist()
+  assert lens[0] == lens[1]
+  assert sorted(seen) == list(range(n))
+  # A second pass over the same loader starts again.
+  loader = make_eval_loader(src, global_batch_size=8, image_size=SIZE, resize_size=36,
+                            threads=1)
+  assert sum(int(b["mask"].sum()) for b in loader) == n
+  assert sum(int(b["mask"].sum()) for b in loader) == n
+
+
+def test_eval_is_deterministic_centre_crop():
+  src = _synth(n=8, split="test")
+  kw = dict(global_batch_size=8, image_size=SIZE, resize_size=36, threads=1)
+  a, b = next(iter(make_eval_loader(src, **kw))), next(iter(make_eval_loader(src, **kw)))
+  _same(a, b)
+  assert a["id"].tolist() == list(range(8))
+
+
+def test_real_jpeg_folder_through_the_train_loader(tmp_path):
+  fake = fx.make_fake_cub(tmp_path, num_classes=3, per_class=4)
+  src = get_source("cub", "train", fake.data_dir)
+  batch = next(_train(src, batch=4, randaugment="2,9", sharpness=0.5, normalize="half"))
+  assert batch["image"].shape == (4, SIZE, SIZE, 3)
+  assert np.isfinite(batch["image"]).all()
+  assert -1.0001 <= batch["image"].min() and batch["image"].max() <= 1.0001
+  box = batch["object_box"]
+  inside = box[:, 0] >= 0
+  assert ((box[inside] >= 0) & (box[inside] <= SIZE)).all()
+  assert set(batch["label"].tolist()) <= {0, 1, 2}
+
+
+def test_bad_sizes_are_clear_errors():
+  src = _synth(n=8)
+  with pytest.raises(ValueError, match="multiple of the 2 processes"):
+    _train(src, batch=7, shard_index=0, shard_count=2)
+  with pytest.raises(ValueError, match="resize_size"):
+    make_train_loader(src, global_batch_size=4, image_size=64, resize_size=48)
+
+
+def test_to_global_batch_on_the_data_mesh():
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  n = 2 * len(jax.devices())
+  batch = {"image": np.zeros((n, 4, 4, 3), np.float32), "label": np.arange(n, dtype=np.int32),
+           "file": np.array(["x"] * n)}
+  out = to_global_batch(batch, mesh)
+  assert set(out) == {"image", "label"}
+  assert out["label"].shape == (n,)
+  assert out["label"].sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 1)
+  np.testing.assert_array_equal(np.asarray(out["label"]), np.arange(n))
+
+
+# ------------------------------------------------------------------ the synthetic dataset
+
+
+def test_synthetic_is_deterministic_any_size_and_class_count():
+  a = get_source("synthetic", "train", num_classes=7, num_examples=5, image_size=37)
+  b = get_source("synthetic", "train", num_classes=7, num_examples=5, image_size=37)
+  for i in range(5):
+    x, y = a[i], b[i]
+    assert x["image"].shape == (37, 37, 3) and x["image"].dtype == np.uint8
+    np.testing.assert_array_equal(x["image"], y["image"])
+    assert x["text"] == y["text"] and x["label"] == i % 7
+  test = get_source("synthetic", "test", num_classes=7, num_examples=5, image_size=37)
+  assert not np.array_equal(a[0]["image"], test[0]["image"])
+  other_seed = get_source("synthetic", "train", num_classes=7, num_examples=5, image_size=37,
+                          seed=3)
+  assert not np.array_equal(a[0]["image"], other_seed[0]["image"])
+  for classes in (2, 200):
+    s = get_source("synthetic", "train", num_classes=classes, num_examples=3, image_size=32)
+    assert len(s.class_names) == len(set(s.class_names)) == classes
+  with pytest.raises(ValueError, match="num_classes"):
+    get_source("synthetic", "train", num_classes=201)
+
+
+def test_synthetic_parts_are_small_inside_the_bird_and_described():
+  src = get_source("synthetic", "train", num_classes=20, num_examples=40, image_size=96)
+  for i in range(len(src)):
+    ex = src[i]
+    parts, obj = ex["part_boxes"], ex["object_box"]
+    areas = (parts[:, 2] - parts[:, 0]) * (parts[:, 3] - parts[:, 1]) / 96.0 ** 2
+    assert (areas > 0).all() and (areas <= 0.03).all()
+    assert (parts[:, :2] >= obj[:2] - 1e-3).all() and (parts[:, 2:] <= obj[2:] + 1e-3).all()
+    beak, crest, throat = (synthetic.class_attributes(20)[ex["label"]][k] for k in range(3))
+    names = synthetic._NAMES
+    assert f"{names[beak]} beak" in ex["text"] and f"{names[crest]} crest" in ex["text"]
+    assert f"{names[throat]} throat" in ex["text"]
+
+
+def _part_colour_features(src):
+  """Mean colour inside each part box: what a model that found the parts would see."""
+  feats = []
+  for i in range(len(src)):
+    ex = src[i]
+    cols = []
+    for x0, y0, x1, y1 in ex["part_boxes"]:
+      cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)  # the part's centre pixel region
+      cols.append(ex["image"][max(cy - 1, 0):cy + 2, max(cx - 1, 0):cx + 2].reshape(-1, 3)
+                  .mean(0) / 255.0)
+    feats.append(np.concatenate(cols))
+  return np.stack(feats)
+
+
+@pytest.mark.slow
+def test_synthetic_is_not_solvable_from_global_statistics_but_is_from_the_parts():
+  classes, size = 20, 48
+  train = get_source("synthetic", "train", num_classes=classes, num_examples=1200,
+                     image_size=size)
+  test = get_source("synthetic", "test", num_classes=classes, num_examples=600, image_size=size)
+  xtr = np.stack([train[i]["image"] for i in range(len(train))])
+  xte = np.stack([test[i]["image"] for i in range(len(test))])
+  for kind in ("pixels8", "histogram"):
+    acc = synthetic.logistic_regression_accuracy(
+        synthetic.global_features(xtr, kind), train.labels,
+        synthetic.global_features(xte, kind), test.labels)
+    assert acc < 0.12, (kind, acc)  # chance 0.05
+  # The same regression on the colours of the parts solves it: the labels live in the parts.
+  acc = synthetic.logistic_regression_accuracy(_part_colour_features(train), train.labels,
+                                               _part_colour_features(test), test.labels)
+  assert acc > 0.9, acc
