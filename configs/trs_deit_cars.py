@@ -1,4 +1,5 @@
-r"""TRS-DeiT on Stanford Cars: DeiT-B/16 @ 448, lr 3e-3, alpha 0.5, beta 0.4 (recipe: configs/trs_deit_common.py).
+r"""TRS-DeiT on Stanford Cars: DeiT-B/16 @ 448, lr 3e-3, alpha 0.5, beta 0.4
+(recipe: configs/trs_deit_common.py).
 
   python run.py --config=configs/trs_deit_cars.py \
       --config.data.data_dir=/path/to/stanford_cars \
@@ -14,4 +15,5 @@ from configs.trs_deit_common import trs_deit_config
 
 
 def get_config(arg=None):
-  return trs_deit_config(arg, dataset="stanford_cars", data_dir="data/stanford_cars", lr=3e-3, alpha=0.5)
+  return trs_deit_config(arg, dataset="stanford_cars", data_dir="data/stanford_cars",
+                         lr=3e-3, alpha=0.5)

@@ -1,4 +1,5 @@
-r"""TRS-DeiT on CUB-200-2011: DeiT-B/16 @ 448, lr 3e-3, alpha 0.5, beta 0.4 (recipe: configs/trs_deit_common.py).
+r"""TRS-DeiT on CUB-200-2011: DeiT-B/16 @ 448, lr 3e-3, alpha 0.5, beta 0.4
+(recipe: configs/trs_deit_common.py).
 
   python run.py --config=configs/trs_deit_cub.py \
       --config.data.data_dir=/path/to/CUB_200_2011 \
@@ -14,4 +15,5 @@ from configs.trs_deit_common import trs_deit_config
 
 
 def get_config(arg=None):
-  return trs_deit_config(arg, dataset="cub", data_dir="data/CUB_200_2011", lr=3e-3, alpha=0.5)
+  return trs_deit_config(arg, dataset="cub", data_dir="data/CUB_200_2011",
+                         lr=3e-3, alpha=0.5)

