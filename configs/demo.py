@@ -1,6 +1,6 @@
-r"""The CPU demo: a small TRS-DeiT learns the synthetic fine-grained birds, taught by a CNN.
+r"""The CPU demo: a small TRS-DeiT on the synthetic fine-grained birds, taught by a CNN.
 
-  python run.py --config=configs/demo.py                  # ~5 minutes on a 2-core CPU
+  python run.py --config=configs/demo.py                  # ~3 minutes on a 2-core CPU
   python run.py --config=configs/demo.py:trs=False        # the same with region selection off
   python run.py --config=configs/demo.py:runlocal         # a few steps (tests)
 
@@ -11,9 +11,10 @@ One command, two phases in one workdir (default runs/demo):
    96 px, 12 px patches), trains with hard distillation from the frozen teacher (run inside the
    jitted step) plus the contrastive loss, on the same data.
 The synthetic dataset (fgjax.data.synthetic): 20 classes of "birds" that differ only in the
-textures of three small parts (crest, wing, tail; each <= 3% of the image). Evaluation reports
-top-1/top-5/mean per-class accuracy and the part-hit rate: the share of the patches TRS selects
-whose centre lies on a discriminative part. Region PNGs: `python run.py --mode=visualize
+colours of three small parts (beak, crest, throat; each <= 3% of the image). Measured results
+(README, The demo): the teacher reaches 94% top-1; the student, trained from scratch, stays
+near chance in this budget. Evaluation reports top-1/top-5/mean per-class accuracy and the
+part-hit rate: the share of the patches TRS selects whose centre lies on a discriminative part. Region PNGs: `python run.py --mode=visualize
 --workdir=runs/demo` (the demo writes a few at the end).
 """
 from configs import common
@@ -30,7 +31,7 @@ def get_config(arg=None):
                         region_selection="trs" if args.trs else None)
   c.data.name = "synthetic"
   c.data.source_kwargs = dict(num_classes=args.classes, image_size=112, cache=True)
-  c.data.split_kwargs = {"train": dict(num_examples=80 * args.classes)}
+  c.data.split_kwargs = {"train": dict(num_examples=200 * args.classes)}
   c.data.resize_size = 104
   c.data.normalize = "half"
   c.data.augment = dict(flip=True, sharpness=0.0)
@@ -54,19 +55,19 @@ def get_config(arg=None):
   t.method = "classifier"
   t.model.name = "cnn_small"
   t.model.img_size = 96
-  t.model.kwargs = dict(widths=(16, 32, 64, 128), convs_per_stage=1, stem_stride=2, norm=True,
-                        pool="max")
+  # Global max pooling keeps a small part's evidence (mean pooling stays at chance here).
+  t.model.kwargs = dict(widths=(16, 32, 64, 128), convs_per_stage=1, stem_stride=2, pool="max")
   t.data = c.data.copy_and_resolve_references()
   t.batch_size = 64
   t.eval_batch_size = 128
-  t.total_steps = 300
+  t.total_steps = 800
   t.optim.name = "adamw"
   t.optim.lr = 3e-3
   t.optim.weight_decay = 0.05
   t.optim.warmup_steps = 20
   t.log_every_steps = 25
-  t.eval_every_steps = 300
-  t.checkpoint_every_steps = 300
+  t.eval_every_steps = 800
+  t.checkpoint_every_steps = 800
   c.teacher.train_first = t
 
   if args.runlocal:

@@ -17,9 +17,10 @@ part differs from a decoy only by where it sits on the bird: a logistic regressi
 histograms or on 8x8 pixels stays near chance (figures in the README, Datasets;
 `python -m fgjax.data.synthetic` measures them). A model has to find the beak, the crest and
 the throat and read their colours. The parts are solid and anti-aliased (2x supersampling).
-Small CNNs with global max pooling learn the task from a few thousand images; plain ViTs
-trained from scratch need far more steps (a hard case by design: only the parts' positions
-relative to the head separate them from the decoys).
+Small CNNs with global max pooling learn the task from a few thousand images (the demo's
+teacher: 94% top-1 after 800 steps of 64); plain ViTs trained from scratch need far more
+steps (a hard case by design: only the parts' positions relative to the head separate them from
+the decoys).
 
 Up to 38 classes come from a code in which any two classes differ in at least two of the three
 parts; from 39 to 200 classes, any two differ in at least one.
@@ -313,14 +314,19 @@ def _a(word: str) -> str:
   return "an" if word[0] in "aeiou" else "a"
 
 
+_CACHES: dict[tuple, dict] = {}  # (seed, split, classes, size) -> {index: example}
+
+
 class SyntheticSource(Source):
   """`get_source("synthetic", split, num_classes=20, num_examples=None, image_size=224, seed=0)`.
 
   num_examples defaults to 50 per class for train and 20 per class for val/test. Labels cycle
   through the classes (example i has label i % num_classes, so every class is balanced); the
   splits draw from separate random streams, so no image repeats across splits. `cache=True`
-  keeps rendered examples in memory (each is rendered once per process): for small demo
-  datasets where rendering would otherwise compete with training for the CPU.
+  keeps rendered examples in memory, shared by every cached source of the same (seed, split,
+  classes, size) in the process (each example is rendered once per process, e.g. once for the
+  demo's teacher and student phases): for small demo datasets where rendering would otherwise
+  compete with training for the CPU.
   """
   box_shapes: dict = {}
 
@@ -343,7 +349,8 @@ class SyntheticSource(Source):
     self.ids = np.arange(n, dtype=np.int64)
     self.labels = self.ids % int(num_classes)
     self.box_shapes = {"object_box": (4,), "part_boxes": (len(PARTS), 4)}
-    self._cache = {} if cache else None
+    self._cache = _CACHES.setdefault(
+        (self.seed, split, int(num_classes), self.image_size), {}) if cache else None
 
   def __getstate__(self):  # grain worker processes start with an empty cache
     state = dict(self.__dict__)
