@@ -10,7 +10,8 @@ Cases (each a `fgjax.data.make_train_loader` over a real source, batches of 32):
 
 `threads=1, worker_count=0` measures one core: the number to compare with the goal of 250
 images/s per core. `--workers N` adds a row with N grain worker processes (total images/s).
-The first batch (warm-up: process start, first decodes) is not timed.
+The first batch (warm-up: process start, first decodes) is not timed; each case runs
+`--repeats` times and the table shows the median (and the range) of images/s.
 
 Usage (from the repository root):
   PYTHONPATH=. python benchmarks/input_pipeline.py
@@ -65,6 +66,7 @@ def main(argv=None):
   p.add_argument("--batches", type=int, default=8, help="timed batches per case")
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--images", type=int, default=256, help="JPEGs written for the jpeg cases")
+  p.add_argument("--repeats", type=int, default=3, help="runs per case (median reported)")
   p.add_argument("--workers", type=int, default=0,
                  help="also time this many grain worker processes (0: skip)")
   a = p.parse_args(argv)
@@ -81,17 +83,19 @@ def main(argv=None):
              ("jpeg 500x375 + RandAugment(2, 9)", jpegs, {"randaugment": "2,9"}),
              ("synthetic 500 px (rendered on the fly)", synth, {})]
     rows = []
+    settings = [("1 thread, no workers (one core)", 0)]
+    if a.workers:
+      settings.append((f"{a.workers} worker processes", a.workers))
     for name, src, aug in cases:
-      rows.append((name, "1 thread, no workers",
-                   throughput(src, a.batches, a.batch_size, 0, 1, **aug)))
-      if a.workers:
-        rows.append((name, f"{a.workers} worker processes",
-                     throughput(src, a.batches, a.batch_size, a.workers, 1, **aug)))
+      for setting, workers in settings:
+        runs = [throughput(src, a.batches, a.batch_size, workers, 1, **aug)
+                for _ in range(a.repeats)]
+        rows.append((name, setting, runs))
   print()
-  print("| source | setting | images/s |")
-  print("|---|---|---|")
-  for name, setting, ips in rows:
-    print(f"| {name} | {setting} | {ips:.0f} |")
+  print("| source | setting | images/s (median) | range |")
+  print("|---|---|--:|--:|")
+  for name, setting, runs in rows:
+    print(f"| {name} | {setting} | {np.median(runs):.0f} | {min(runs):.0f}-{max(runs):.0f} |")
 
 
 if __name__ == "__main__":

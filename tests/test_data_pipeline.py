@@ -223,3 +223,14 @@ def test_synthetic_is_not_solvable_from_global_statistics_but_is_from_the_parts(
   acc = synthetic.logistic_regression_accuracy(_part_colour_features(train), train.labels,
                                                _part_colour_features(test), test.labels)
   assert acc > 0.9, acc
+
+
+def test_interpolation_option_and_error():
+  src = _synth(n=8, split="test")
+  kw = dict(global_batch_size=8, image_size=SIZE, resize_size=36, threads=1)
+  bil = next(iter(make_eval_loader(src, **kw)))
+  bic = next(iter(make_eval_loader(src, interpolation="bicubic", **kw)))
+  assert not np.array_equal(bil["image"], bic["image"])
+  assert np.abs(bil["image"] - bic["image"]).mean() < 0.1  # the same crop, other filter
+  with pytest.raises(ValueError, match="config.data.interpolation"):
+    _train(src, interpolation="lanczos")

@@ -1,17 +1,17 @@
 """Input pipelines on grain: sharded per process, deterministic, resumable.
 
 Train (`make_train_loader`): the example stream is a seeded shuffle of the whole training set,
-reshuffled every epoch and repeated forever (grain `MapDataset.shuffle().repeat()`); each
-example's augmentation rng comes from grain's per-record rng (`random_map`), i.e. from
-(seed, position in that global stream), which fixes (seed, epoch, index). Global batch b is the
-stream positions [b*G, (b+1)*G); process p of P keeps the positions congruent to p modulo P.
-So every process reads only its own examples, the processes' batches are disjoint and together
-hold exactly the global batch a single process would build, and the augmentations do not
-depend on the number of processes or workers. Batches are whole grain elements, so worker
-processes (`worker_count`, grain `mp_prefetch`) each build whole batches and the output is the
-same for any worker count. The loader's `get_state()` / `set_state()` (grain iterator state, a
-JSON-serialisable dict) resume exactly: a restored loader yields the batches an uninterrupted
-one would have.
+reshuffled every epoch and repeated forever (grain `MapDataset.shuffle().repeat()`); the
+example at stream position q gets its augmentation rng from (seed, q), which fixes (seed,
+epoch, index). Global batch b is the stream positions [b*G, (b+1)*G); process p of P keeps the
+positions congruent to p modulo P. So every process reads only its own examples, the
+processes' batches are disjoint and together hold exactly the global batch a single process
+would build, and the augmentations do not depend on the number of processes or workers. Each
+grain element is a whole batch, built by writing every example straight into preallocated
+batch arrays, so worker processes (`worker_count`, grain `mp_prefetch`) each build whole
+batches and the output is the same for any worker count. The loader's `get_state()` /
+`set_state()` (grain iterator state, a JSON-serialisable dict) resume exactly: a restored
+loader yields the batches an uninterrupted one would have.
 
 Eval (`make_eval_loader`): one pass in order; the last global batch is padded (with copies of
 example 0) and a boolean `mask` marks the real examples, so every example is seen exactly once
@@ -44,6 +44,7 @@ from fgjax.data import transforms
 from fgjax.data.sources import Source
 
 BOX_KEYS = ("object_box", "part_boxes")
+_AUGMENT_STREAM = 0x5EED  # separates the augmentation rngs from other uses of the seed
 
 
 def _process_shard(shard_index, shard_count):
@@ -74,57 +75,93 @@ def _pad_parts(b, n: int) -> np.ndarray:
   return out
 
 
-class _Example:
-  """Shared record building: image, label, id, boxes (a picklable callable for workers)."""
+class _BatchBuilder:
+  """Builds whole per-process batches, writing each example straight into preallocated batch
+  arrays (no per-example float32 copies, no stacking). A picklable callable for grain workers."""
 
   def __init__(self, source: Source, image_size: int, resize_size: int, resize_mode: str,
-               normalize: str, num_parts: int | None):
+               normalize: str, num_parts: int | None, interpolation: str = "bilinear"):
+    transforms.resample_filter(interpolation)  # validates the name
     self.source = source
     self.image_size, self.resize_size, self.resize_mode = image_size, resize_size, resize_mode
+    self.interpolation = interpolation
     self.normalizer = transforms.Normalizer(normalize)
     self.num_parts = num_parts
 
   def _boxes_in(self, rec) -> dict:
     return {k: rec[k] for k in BOX_KEYS if rec.get(k) is not None}
 
-  def _record(self, rec: dict, image: np.ndarray, boxes: dict) -> dict:
-    out = {"image": image, "label": np.int32(rec["label"]), "id": np.int32(rec["id"])}
-    ob = boxes.get("object_box")
-    out["object_box"] = np.full(4, -1, np.float32) if ob is None else \
-        np.asarray(ob, np.float32).reshape(4)
+  def _alloc(self, n: int) -> dict:
+    s = self.image_size
+    out = {"image": np.empty((n, s, s, 3), np.float32), "label": np.empty(n, np.int32),
+           "id": np.empty(n, np.int32), "object_box": np.empty((n, 4), np.float32)}
     if self.num_parts is not None:
-      out["part_boxes"] = _pad_parts(boxes.get("part_boxes"), self.num_parts)
+      out["part_boxes"] = np.empty((n, self.num_parts, 4), np.float32)
+    return out
+
+  def _fill(self, out: dict, k: int, rec: dict, u8: np.ndarray, boxes: dict):
+    self.normalizer(u8, out=out["image"][k])
+    out["label"][k] = rec["label"]
+    out["id"][k] = rec["id"]
+    ob = boxes.get("object_box")
+    out["object_box"][k] = -1.0 if ob is None else np.asarray(ob, np.float32).reshape(4)
+    if self.num_parts is not None:
+      out["part_boxes"][k] = _pad_parts(boxes.get("part_boxes"), self.num_parts)
+
+
+class TrainBatch(_BatchBuilder):
+  """Batch number b -> this process's rows of global batch b, augmented and normalised.
+
+  Global batch b holds the shuffled stream positions [b*G, (b+1)*G); this process keeps those
+  congruent to `shard_index` mod `shard_count`. The example at stream position q is
+  `index[q]` (a seeded per-epoch shuffle) and its augmentation rng is seeded by (seed, q), so
+  the batches depend on neither the number of processes nor the number of workers.
+  """
+
+  def __init__(self, source, image_size, resize_size, resize_mode, normalize, num_parts,
+               interpolation, *, index: grain.MapDataset, seed: int, global_batch_size: int,
+               shard_index: int, shard_count: int, **augment):
+    super().__init__(source, image_size, resize_size, resize_mode, normalize, num_parts,
+                     interpolation)
+    self.index, self.seed = index, int(seed)
+    self.global_batch_size = int(global_batch_size)
+    self.shard_index, self.shard_count = int(shard_index), int(shard_count)
+    self.augment = augment
+
+  def __call__(self, b):
+    local = self.global_batch_size // self.shard_count
+    out = self._alloc(local)
+    for k in range(local):
+      q = int(b) * self.global_batch_size + self.shard_index + k * self.shard_count
+      rng = np.random.default_rng((self.seed, _AUGMENT_STREAM, q))
+      img, rec = self.source.get(int(self.index[q]), min_size=self.resize_size)
+      u8, boxes = transforms.train_crop(img, rng, image_size=self.image_size,
+                                        resize_size=self.resize_size,
+                                        resize_mode=self.resize_mode,
+                                        interpolation=self.interpolation,
+                                        boxes=self._boxes_in(rec), **self.augment)
+      self._fill(out, k, rec, u8, boxes)
     return out
 
 
-class TrainExample(_Example):
-  """(index, rng) -> augmented, normalised example: grain `random_map` transform."""
+class EvalBatch(_BatchBuilder):
+  """A row of global positions -> one batch; positions >= len(source) are padding (mask False,
+  a copy of example 0)."""
 
-  def __init__(self, source, image_size, resize_size, resize_mode, normalize, num_parts,
-               **augment):
-    super().__init__(source, image_size, resize_size, resize_mode, normalize, num_parts)
-    self.augment = augment
-
-  def __call__(self, index, rng: np.random.Generator):
-    img, rec = self.source.get(int(index), min_size=self.resize_size)
-    u8, boxes = transforms.train_crop(img, rng, image_size=self.image_size,
-                                      resize_size=self.resize_size,
-                                      resize_mode=self.resize_mode,
-                                      boxes=self._boxes_in(rec), **self.augment)
-    return self._record(rec, self.normalizer(u8), boxes)
-
-
-class EvalExample(_Example):
-  """Global position -> example; positions >= len(source) are padding (mask False)."""
-
-  def __call__(self, position):
-    real = int(position) < len(self.source)
-    img, rec = self.source.get(int(position) if real else 0, min_size=self.resize_size)
-    u8, boxes = transforms.eval_crop(img, image_size=self.image_size,
-                                     resize_size=self.resize_size, resize_mode=self.resize_mode,
-                                     boxes=self._boxes_in(rec))
-    out = self._record(rec, self.normalizer(u8), boxes)
-    out["mask"] = np.bool_(real)
+  def __call__(self, positions):
+    positions = np.asarray(positions).reshape(-1)
+    out = self._alloc(len(positions))
+    out["mask"] = np.empty(len(positions), bool)
+    for k, position in enumerate(positions):
+      real = int(position) < len(self.source)
+      img, rec = self.source.get(int(position) if real else 0, min_size=self.resize_size)
+      u8, boxes = transforms.eval_crop(img, image_size=self.image_size,
+                                       resize_size=self.resize_size,
+                                       resize_mode=self.resize_mode,
+                                       interpolation=self.interpolation,
+                                       boxes=self._boxes_in(rec))
+      self._fill(out, k, rec, u8, boxes)
+      out["mask"][k] = real
     return out
 
 
@@ -192,6 +229,9 @@ class EvalLoader(Loader):
     return next(self._iter)
 
 
+_MAX_BATCHES = 2 ** 62 // 2 ** 20  # "forever": the train stream is indexed lazily
+
+
 def _finish(ds: grain.MapDataset, worker_count: int, prefetch: int,
             threads: int | None) -> grain.IterDataset:
   if threads is None:
@@ -250,7 +290,7 @@ def _check_sizes(source, global_batch_size, shard_count, image_size, resize_size
 def make_train_loader(source: Source, *, global_batch_size: int, image_size: int,
                       resize_size: int | None = None, seed: int = 0, normalize: str = "imagenet",
                       resize_mode: str = "shorter", square_resize: bool = False,
-                      flip: bool = True, sharpness: float = 0.0, sharpness_p: float = 0.5,
+                      interpolation: str = "bilinear", flip: bool = True, sharpness: float = 0.0, sharpness_p: float = 0.5,
                       randaugment: Any = None, autoaugment: Any = False,
                       max_parts: int | None = None, worker_count: int = 0, prefetch: int = 2,
                       threads: int | None = None, shard_index: int | None = None,
@@ -258,8 +298,8 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
   """Infinite, reshuffled, augmented per-process batches of global_batch_size / shard_count.
 
   Transform: resize (shorter side to `resize_size`, default image_size * 8 / 7; or the whole
-  image to resize_size^2 with `resize_mode="square"` / `square_resize=True`) -> random crop
-  `image_size` -> horizontal flip (p=0.5, `flip`) -> sharpness (factor `sharpness`, p =
+  image to resize_size^2 with `resize_mode="square"` / `square_resize=True`; `interpolation`
+  "bilinear" or "bicubic") -> random crop `image_size` -> horizontal flip (p=0.5, `flip`) -> sharpness (factor `sharpness`, p =
   `sharpness_p`; 0 = off) -> AutoAugment ImageNet policy (`autoaugment=True`) -> RandAugment
   (`randaugment`: N ops at magnitude 9, "N,M", "rand-m9-n2" or (N, M)) -> normalise
   (`normalize`: "imagenet" mean/std or "half": 0.5/0.5).
@@ -274,22 +314,21 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
   _check_sizes(source, global_batch_size, shard_count, image_size, resize_size, resize_mode,
                "train")
   ra_ops, ra_mag = _parse_randaugment(randaugment)
-  fn = TrainExample(source, image_size, resize_size, resize_mode, normalize,
-                    _box_layout(source, max_parts), flip=bool(flip),
-                    sharpness=float(sharpness or 0.0), sharpness_p=float(sharpness_p),
-                    randaugment_ops=ra_ops, randaugment_magnitude=ra_mag,
-                    autoaugment=bool(autoaugment))
-  ds = grain.MapDataset.range(len(source)).seed(int(seed)).shuffle().repeat()
-  ds = ds.random_map(fn)
-  if shard_count > 1:
-    ds = ds[shard_index::shard_count]
-  ds = ds.batch(int(global_batch_size) // shard_count, drop_remainder=True)
+  index = grain.MapDataset.range(len(source)).seed(int(seed)).shuffle().repeat()
+  fn = TrainBatch(source, image_size, resize_size, resize_mode, normalize,
+                  _box_layout(source, max_parts), interpolation, index=index, seed=int(seed),
+                  global_batch_size=int(global_batch_size), shard_index=shard_index,
+                  shard_count=shard_count, flip=bool(flip), sharpness=float(sharpness or 0.0),
+                  sharpness_p=float(sharpness_p), randaugment_ops=ra_ops,
+                  randaugment_magnitude=ra_mag, autoaugment=bool(autoaugment))
+  ds = grain.MapDataset.range(_MAX_BATCHES).map(fn)
   return Loader(_finish(ds, worker_count, prefetch, threads))
 
 
 def make_eval_loader(source: Source, *, global_batch_size: int, image_size: int,
                      resize_size: int | None = None, normalize: str = "imagenet",
                      resize_mode: str = "shorter", square_resize: bool = False,
+                     interpolation: str = "bilinear",
                      max_parts: int | None = None, worker_count: int = 0, prefetch: int = 2,
                      threads: int | None = None, shard_index: int | None = None,
                      shard_count: int | None = None, **unused_augment) -> EvalLoader:
@@ -306,10 +345,10 @@ def make_eval_loader(source: Source, *, global_batch_size: int, image_size: int,
   local = int(global_batch_size) // shard_count
   n_batches = math.ceil(len(source) / int(global_batch_size))
   positions = (np.arange(n_batches)[:, None] * int(global_batch_size) + shard_index * local
-               + np.arange(local)[None, :]).reshape(-1)
-  fn = EvalExample(source, image_size, resize_size, resize_mode, normalize,
-                   _box_layout(source, max_parts))
-  ds = grain.MapDataset.source(positions).map(fn).batch(local, drop_remainder=True)
+               + np.arange(local)[None, :])
+  fn = EvalBatch(source, image_size, resize_size, resize_mode, normalize,
+                 _box_layout(source, max_parts), interpolation)
+  ds = grain.MapDataset.source(list(positions.reshape(n_batches, local))).map(fn)
   return EvalLoader(_finish(ds, worker_count, prefetch, threads), n_batches)
 
 

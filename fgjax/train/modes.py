@@ -57,6 +57,7 @@ def _preprocess(cfg, paths):
                                      resize_size=int(cfg.data.get("resize_size",
                                                                   cfg.model.img_size)),
                                      resize_mode=cfg.data.get("resize_mode", "shorter"),
+                                     interpolation=cfg.data.get("interpolation", "bilinear"),
                                      normalize=cfg.data.get("normalize", "imagenet")))
   return np.stack(out)
 

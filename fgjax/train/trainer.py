@@ -143,6 +143,7 @@ def _pipeline_kwargs(config, train: bool) -> dict:
             resize_size=int(dcfg.get("resize_size", config.model.img_size)),
             normalize=dcfg.get("normalize", "imagenet"),
             resize_mode=dcfg.get("resize_mode", "shorter"),
+            interpolation=dcfg.get("interpolation", "bilinear"),
             worker_count=int(dcfg.get("worker_count", 0)),
             prefetch=int(dcfg.get("prefetch", 2)))
   if train:
