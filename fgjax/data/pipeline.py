@@ -290,7 +290,8 @@ def _check_sizes(source, global_batch_size, shard_count, image_size, resize_size
 def make_train_loader(source: Source, *, global_batch_size: int, image_size: int,
                       resize_size: int | None = None, seed: int = 0, normalize: str = "imagenet",
                       resize_mode: str = "shorter", square_resize: bool = False,
-                      interpolation: str = "bilinear", flip: bool = True, sharpness: float = 0.0, sharpness_p: float = 0.5,
+                      interpolation: str = "bilinear", flip: bool = True,
+                      sharpness: float = 0.0, sharpness_p: float = 0.5,
                       randaugment: Any = None, autoaugment: Any = False,
                       max_parts: int | None = None, worker_count: int = 0, prefetch: int = 2,
                       threads: int | None = None, shard_index: int | None = None,
@@ -299,10 +300,10 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
 
   Transform: resize (shorter side to `resize_size`, default image_size * 8 / 7; or the whole
   image to resize_size^2 with `resize_mode="square"` / `square_resize=True`; `interpolation`
-  "bilinear" or "bicubic") -> random crop `image_size` -> horizontal flip (p=0.5, `flip`) -> sharpness (factor `sharpness`, p =
-  `sharpness_p`; 0 = off) -> AutoAugment ImageNet policy (`autoaugment=True`) -> RandAugment
-  (`randaugment`: N ops at magnitude 9, "N,M", "rand-m9-n2" or (N, M)) -> normalise
-  (`normalize`: "imagenet" mean/std or "half": 0.5/0.5).
+  "bilinear" or "bicubic") -> random crop `image_size` -> horizontal flip (p=0.5, `flip`) ->
+  sharpness (factor `sharpness`, p = `sharpness_p`; 0 = off) -> AutoAugment ImageNet policy
+  (`autoaugment=True`) -> RandAugment (`randaugment`: N ops at magnitude 9, "N,M",
+  "rand-m9-n2" or (N, M)) -> normalise (`normalize`: "imagenet" mean/std or "half": 0.5/0.5).
   `shard_index` / `shard_count` default to jax.process_index() / jax.process_count().
   `worker_count` > 0 builds batches in that many grain worker processes; `threads` threads per
   process (default min(4, cores)); `prefetch` batches buffered.

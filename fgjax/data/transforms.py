@@ -12,8 +12,8 @@ The resize and the crop are fused: the crop window is mapped back to the source 
 the image_size^2 output pixels are resampled (`Image.resize(size, box=...)`), which is what
 makes 448-pixel training crops cheap on the host. `interpolation` is "bilinear" (default: what
 torchvision's `Resize` does in the TransFG, PMG, CAL and TRS-DeiT reference code) or "bicubic"
-(timm's DeiT ImageNet recipe; about 1.5x the resampling cost); flipping and sharpening work on the small
-uint8 crop; normalisation is one table lookup per pixel into a float32 table.
+(timm's DeiT ImageNet recipe; about 1.5x the resampling cost); flipping and sharpening work on
+the small uint8 crop; normalisation is one table lookup per channel into a float32 table.
 
 Boxes (x0, y0, x1, y1 in pixels) follow the same geometry (resize, crop, flip) and are clipped
 to the crop; a box that falls outside (or was invalid) becomes all -1. RandAugment /
