@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.label_smoothing = 0.0
   c.ema_decay = 0.0
   c.trs = ml_collections.ConfigDict(dict(alpha=0.5, beta=0.4, contrastive=True))
+  c.transfg = ml_collections.ConfigDict(dict(margin=0.4, contrastive=True))
   c.teacher = ml_collections.ConfigDict(dict(checkpoint="", predictions="",
                                              train_first=None))
   c.log_every_steps = 50

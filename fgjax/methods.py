@@ -10,6 +10,8 @@ the rest: sharding, optimizer, checkpoints, evaluation loop.
       L_con = (1 - alpha) L_con(z_cls) + alpha L_con(z_dist),   L = L_dist + L_con.
   y_t = argmax teacher(x): from a frozen teacher run inside the jitted step, from a
   teacher-prediction file (looked up by example id), or, without a teacher, the ground truth.
+- `transfg`: TransFG (spec section 3): CE(part-layer cls logits, y) (optional label smoothing)
+  + L_con(z_cls) on the final cls token with margin `config.transfg.margin` (0.4), weight 1.
 """
 from __future__ import annotations
 
@@ -125,7 +127,38 @@ class TRSDeiT(Method):
     return loss, (metrics, new_vars)
 
 
-METHODS: dict[str, type[Method]] = {"classifier": Classifier, "trs_deit": TRSDeiT}
+class TransFG(Method):
+  """TransFG's objective: cross-entropy on the part layer's cls logits plus the contrastive
+  loss on its final cls token (TACJu/TransFG `part_loss + con_loss`)."""
+  name = "transfg"
+
+  def __init__(self, config, model, num_classes):
+    super().__init__(config, model, num_classes)
+    if getattr(model, "distilled", False) or getattr(model, "region_selection", None) is None:
+      raise ValueError(f"config.method='transfg' needs a ViT with part selection and no dist "
+                       f"token (e.g. transfg_base_patch16); got config.model.name="
+                       f"{config.model.name!r}")
+    tcfg = config.get("transfg", {}) or {}
+    self.margin = float(tcfg.get("margin", 0.4))
+    self.contrastive = bool(tcfg.get("contrastive", True))
+
+  def loss(self, params, extra_vars, batch, rng, teacher_labels=None):
+    logits, aux, new_vars = self.apply_train(params, extra_vars, batch["image"], rng)
+    y = batch["label"]
+    ce = losses.cross_entropy(logits, y, self.label_smoothing)
+    metrics = {"ce": ce}
+    loss = ce
+    if self.contrastive:
+      con = losses.contrastive_loss(aux["cls_features"], y, self.margin)
+      loss = loss + con
+      metrics["con"] = con
+    metrics["loss"] = loss
+    metrics["accuracy"] = (jnp.argmax(logits, -1) == y).mean()
+    return loss, (metrics, new_vars)
+
+
+METHODS: dict[str, type[Method]] = {"classifier": Classifier, "trs_deit": TRSDeiT,
+                                    "transfg": TransFG}
 
 
 def get_method(config, model, num_classes) -> Method:

@@ -58,6 +58,25 @@ for _size in ("tiny", "small", "base"):
   register(f"trs_deit_{_size}_patch16")(_trs_factory(_size))
 
 
+def _transfg_factory(variant: str):
+  """TransFG (He et al. 2022; spec section 3): ViT with the overlapping patch split (stride 12)
+  and part selection from the cls row of the attention rollout over the first L-1 blocks; the
+  last block (TransFG's `part_layer`) sees `[cls, one part per head]` and the final norm is its
+  `part_norm`. Same parameter names as ViT (`blocks_{L-1}` = part_layer, `norm` = part_norm),
+  so Google ViT `.npz` and timm ViT checkpoints load unchanged."""
+  base = _vit_factory(variant, distilled=False)
+
+  def make(num_classes: int, img_size=448, **kw):
+    kw.setdefault("patch_stride", 12)
+    kw.setdefault("region_selection", "cls_row")
+    return base(num_classes, img_size, **kw)
+  return make
+
+
+for _size in ("tiny", "small", "base", "large"):
+  register(f"transfg_{_size}_patch16")(_transfg_factory(_size))
+
+
 @register("cnn_small")
 def _cnn_small(num_classes: int, img_size=64, **kw):
   return cnn.SmallCNN(num_classes=num_classes, img_size=img_size, **kw)
