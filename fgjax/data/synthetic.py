@@ -18,7 +18,7 @@ histograms or on 8x8 pixels stays near chance (figures in the README, Datasets;
 `python -m fgjax.data.synthetic` measures them). A model has to find the beak, the crest and
 the throat and read their colours. The parts are solid and anti-aliased (2x supersampling).
 Small CNNs with global max pooling learn the task from a few thousand images (the demo's
-teacher: 94% top-1 after 800 steps of 64); plain ViTs trained from scratch need far more
+teacher: 95-97% top-1 after 800 steps of 64); plain ViTs trained from scratch need far more
 steps (a hard case by design: only the parts' positions relative to the head separate them from
 the decoys).
 
