@@ -63,5 +63,5 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_epochs = None
   c.keep_checkpoints = 3
   c.visualize_examples = 0  # region PNGs of the first N test images after training
-  c.mesh = ml_collections.ConfigDict(dict(data=-1))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   return c

@@ -215,3 +215,52 @@ def test_optimizer_groups_and_schedules():
     updates, state = tx.update(grads, state, params)
   assert float(updates["head"]["kernel"][0, 0]) == pytest.approx(-1.0)
   assert float(updates["blocks_0"]["w"][0, 0]) == pytest.approx(-0.1)
+
+
+def test_fsdp_2x4_step_equals_8x1_and_shards_the_state(tmp_path):
+  assert jax.device_count() == 8
+  from fgjax import models
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+           "label": rng.integers(0, 4, 8).astype(np.int32),
+           "id": np.arange(8, dtype=np.int32)}
+  results = []
+  for fsdp in (1, 4):
+    cfg = tiny_config(**{"mesh.fsdp": fsdp})
+    model = models.create(cfg.model.name, 4, 32, **cfg.model.kwargs)
+    method = fgmethods.get_method(cfg, model, 4)
+    mesh = trainer.make_mesh(cfg)
+    assert dict(mesh.shape) == ({"data": 8} if fsdp == 1 else {"data": 2, "fsdp": 4})
+    params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), batch["image"])["params"])
+    tx, schedules = optim.make_optimizer(cfg.optim, params_shape, 10)
+    state = trainer.create_train_state(cfg, model, method, tx, mesh, jax.random.key(0),
+                                       (1, 32, 32, 3))
+    shardings = trainer.state_shardings(state, mesh)
+    step = jax.jit(trainer.make_train_step(cfg, method, tx, schedules, jax.random.key(1), None),
+                   out_shardings=(shardings, NamedSharding(mesh, P())))
+    from fgjax import data as fgdata
+    gbatch = fgdata.to_global_batch(batch, mesh)
+    for _ in range(2):
+      state, metrics = step(state, gbatch, None)
+    qkv = state["params"]["blocks_0"]["attn"]["qkv"]["kernel"]  # (48, 144)
+    opt_qkv = [x for x in jax.tree.leaves(state["opt"]) if x.shape == (48, 144)]
+    assert len(opt_qkv) >= 2  # at least AdamW's mu and nu for that kernel
+    if fsdp == 4:
+      assert qkv.sharding.spec == P(None, "fsdp")
+      assert qkv.addressable_shards[0].data.shape == (48, 36)  # a quarter per device
+      assert all(x.sharding.spec == P(None, "fsdp") for x in opt_qkv)
+      assert state["step"].sharding.spec == P()
+      assert gbatch["image"].sharding.spec == P(("data", "fsdp"))
+    else:
+      assert qkv.sharding.spec == P()
+    results.append((jax.device_get(state["params"]), float(metrics["loss"])))
+  assert abs(results[0][1] - results[1][1]) < 1e-5
+  assert _max_diff(results[0][0], results[1][0]) < 1e-5
+  # The whole trainer with fsdp: train, checkpoint, restore.
+  cfg = tiny_config(**{"mesh.fsdp": 2, "total_steps": 2})
+  trainer.train_and_evaluate(cfg, str(tmp_path / "w"))
+  variables, info = _params(tmp_path / "w")
+  assert info["step"] == 2
+  with pytest.raises(ValueError, match="config.mesh.fsdp=3"):
+    trainer.make_mesh(tiny_config(**{"mesh.fsdp": 3}))

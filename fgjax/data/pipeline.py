@@ -354,17 +354,20 @@ def make_eval_loader(source: Source, *, global_batch_size: int, image_size: int,
 
 
 def to_global_batch(batch: dict, mesh: jax.sharding.Mesh | None = None,
-                    partition_spec: P = P("data"), *,
+                    partition_spec: P | None = None, *,
                     sharding: jax.sharding.Sharding | None = None) -> dict:
   """Per-process numpy batch -> global jax.Arrays sharded along the batch axis.
 
-  Uses `sharding` if given, else NamedSharding(mesh, partition_spec). Each process passes its
-  own rows; the global batch is their concatenation in process order. Non-numeric entries
-  (strings) are left out.
+  Uses `sharding` if given, else NamedSharding(mesh, partition_spec); the default spec splits
+  the batch over every mesh axis (P(("data",)) on the trainer's data mesh, P(("data", "fsdp"))
+  with fsdp). Each process passes its own rows; the global batch is their concatenation in
+  process order. Non-numeric entries (strings) are left out.
   """
   if sharding is None:
     if mesh is None:
       raise ValueError("to_global_batch needs a mesh or a sharding")
+    if partition_spec is None:
+      partition_spec = P(tuple(mesh.axis_names))
     sharding = NamedSharding(mesh, partition_spec)
   out = {}
   for k, v in batch.items():

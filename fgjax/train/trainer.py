@@ -1,9 +1,13 @@
 """The fgjax trainer: `train_and_evaluate(config, workdir)` and the evaluation helpers.
 
 In the spirit of big_vision's train.py: one readable loop.
-- A data mesh over every device of every process (`config.mesh`); the train state is a plain
-  dict {"params", "opt", "step", "bad_step", ["ema"], [model collections]} replicated over it,
-  batches sharded along "data"; `jax.jit` with `NamedSharding`s and a donated state (no pmap).
+- A mesh over every device of every process (`config.mesh`): a "data" axis, and with
+  `config.mesh.fsdp` > 1 an "fsdp" axis too. The train state is a plain dict {"params", "opt",
+  "step", "bad_step", ["ema"], [model collections]}: replicated, or with fsdp > 1 every large
+  array split along its largest dimension divisible by the fsdp size (ZeRO-3 style through
+  sharding annotations: XLA gathers parameters where they are used and reduce-scatters
+  gradients). Batches are split over all mesh axes; `jax.jit` with `NamedSharding`s and a
+  donated state (no pmap).
 - The rng is `fold_in(key(seed), step)` inside the step, so a resumed run draws the same
   dropout masks as an uninterrupted one.
 - A non-finite loss freezes the state inside the step (no update is applied) and the host stops
@@ -78,14 +82,48 @@ def dtype_of(name: str):
 
 
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:
-  """A 1-D 'data' mesh over all devices of all processes (config.mesh.data = -1: all)."""
+  """The device mesh: ("data",) over all devices of all processes, or ("data", "fsdp") when
+  `config.mesh.fsdp` > 1 (`config.mesh.data` = -1: all devices not used by fsdp)."""
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
-  want = int(config.get("mesh", {}).get("data", -1))
-  if want not in (-1, n):
-    raise ValueError(f"config.mesh.data={want} but {n} devices are available")
-  return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+  mcfg = config.get("mesh", {}) or {}
+  fsdp = int(mcfg.get("fsdp", 1) or 1)
+  if fsdp < 1 or n % fsdp:
+    raise ValueError(f"config.mesh.fsdp={fsdp} must divide the number of devices ({n})")
+  want = int(mcfg.get("data", -1))
+  if want not in (-1, n // fsdp):
+    raise ValueError(f"config.mesh.data={want} but {n} devices with config.mesh.fsdp={fsdp} "
+                     f"leave {n // fsdp}")
+  auto = jax.sharding.AxisType.Auto
+  if fsdp == 1:
+    return jax.make_mesh((n,), ("data",), axis_types=(auto,), devices=devices)
+  return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), axis_types=(auto, auto),
                        devices=devices)
+
+
+FSDP_MIN_SIZE = 2 ** 12  # arrays smaller than this stay replicated
+
+
+def fsdp_spec(shape, fsdp: int) -> P:
+  """PartitionSpec of one state array: split along its largest dimension divisible by `fsdp`
+  (replicated when fsdp == 1, the array is small, or no dimension divides)."""
+  if fsdp <= 1 or len(shape) == 0 or int(np.prod(shape)) < FSDP_MIN_SIZE:
+    return P()
+  for d in sorted(range(len(shape)), key=lambda i: -shape[i]):
+    if shape[d] % fsdp == 0:
+      return P(*[("fsdp" if i == d else None) for i in range(len(shape))])
+  return P()
+
+
+def state_shardings(tree, mesh):
+  """NamedShardings for a pytree of arrays (or ShapeDtypeStructs) of train state."""
+  fsdp = int(dict(mesh.shape).get("fsdp", 1))
+  return jax.tree.map(lambda a: NamedSharding(mesh, fsdp_spec(a.shape, fsdp)), tree)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """Batches: the leading axis split over every mesh axis."""
+  return NamedSharding(mesh, P(tuple(mesh.axis_names)))
 
 
 def build_model(config, num_classes: int):
@@ -168,15 +206,16 @@ def _teacher_labels_fn(config, mesh, train_source) -> tuple[Callable | None, Any
 
 def create_train_state(config, model, method, tx, mesh, rng, init_batch_shape,
                        load_pretrained: bool = True):
-  """Initialises params (or loads `config.init_from`) and the optimizer state, replicated."""
-  repl = NamedSharding(mesh, P())
+  """Initialises params (or loads `config.init_from`) and the optimizer state, laid out on the
+  mesh by `state_shardings` (replicated unless config.mesh.fsdp > 1)."""
   dummy = jnp.zeros(init_batch_shape, jnp.float32)
 
   def init(rng):
     variables = model.init({"params": rng, "dropout": rng}, dummy, train=False)
     return dict(variables)
 
-  variables = jax.jit(init, out_shardings=repl)(rng)
+  var_shardings = state_shardings(jax.eval_shape(init, rng), mesh)
+  variables = jax.jit(init, out_shardings=var_shardings)(rng)
   params = variables.pop("params")
   if config.get("init_from") and load_pretrained:
     from fgjax import convert
@@ -184,15 +223,16 @@ def create_train_state(config, model, method, tx, mesh, rng, init_batch_shape,
         config.init_from, config.model.name, img_size=config.model.img_size,
         num_classes=model.num_classes, dont_load=tuple(config.get("init_dont_load", ()) or ()),
         model_kwargs={k: v for k, v in dict(config.model.get("kwargs", {}) or {}).items()})
-    params = jax.device_put(loaded, repl)
+    params = jax.device_put(loaded, var_shardings["params"])
     log.info("initialised from %s", config.init_from)
   state = {"params": params, "step": jnp.zeros((), jnp.int32),
            "bad_step": jnp.full((), -1, jnp.int32)}
   state.update(variables)  # batch_stats and other collections
-  state["opt"] = jax.jit(tx.init, out_shardings=repl)(params)
+  opt_shardings = state_shardings(jax.eval_shape(tx.init, params), mesh)
+  state["opt"] = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   if float(config.get("ema_decay", 0.0) or 0.0) > 0:
     state["ema"] = jax.tree.map(jnp.copy, params)
-  return jax.device_put(state, repl)
+  return jax.device_put(state, state_shardings(state, mesh))
 
 
 def _collections(state) -> dict:
@@ -239,13 +279,13 @@ def make_train_step(config, method, tx, schedules, base_rng, teacher_fn):
 
 
 def abstract_train_state(config, model, method, tx, mesh):
-  """ShapeDtypeStructs (with replicated shardings) of the train state, for restoring."""
-  repl = NamedSharding(mesh, P())
+  """ShapeDtypeStructs (with the train state's shardings) of the train state, for restoring."""
   img = int(config.model.img_size)
   abstract = jax.eval_shape(lambda: create_train_state(
       config, model, method, tx, mesh, jax.random.key(0), (1, img, img, 3),
       load_pretrained=False))
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      abstract, state_shardings(abstract, mesh))
 
 
 def restore_model(workdir: str, prefer: str = "best", mesh=None, num_classes=None):
@@ -340,7 +380,6 @@ def summarize_eval(results: dict[str, np.ndarray], num_classes: int) -> dict[str
 
 
 def evaluate(eval_step_jit, variables, batches: Iterator, mesh, num_classes: int) -> dict:
-  data_sharding = NamedSharding(mesh, P("data"))
   chunks: dict[str, list] = {}
   for batch in batches:
     gbatch = fgdata.to_global_batch(batch, mesh)
@@ -350,7 +389,6 @@ def evaluate(eval_step_jit, variables, batches: Iterator, mesh, num_classes: int
       chunks.setdefault(k, []).append(np.asarray(v))
   if not chunks:
     raise TrainingError("evaluation split is empty")
-  del data_sharding
   return summarize_eval({k: np.concatenate(v) for k, v in chunks.items()}, num_classes)
 
 
@@ -455,7 +493,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data_iter = iter(train_iter)
 
     step_fn = make_train_step(config, method, tx, schedules, base_rng, teacher_fn)
-    train_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(repl, repl))
+    state_sh = state_shardings(state, mesh)
+    train_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_sh, repl))
     eval_step = jax.jit(make_eval_step(method, model), out_shardings=repl)
 
     def run_eval(split_src, split, step):
@@ -526,8 +565,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     which = "best" if ckpt.best_step() is not None else "last"
     ckpt.wait()
     if which == "best" and ckpt.best_step() != step:
-      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
-                              state)
+      abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                              state, state_sh)
       state, _, sel_step = ckpt.restore(abstract, which="best")
       log.info("selected the best validation checkpoint: step %d (val top-1 %.4f)", sel_step,
                best_val)
