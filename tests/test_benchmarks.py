@@ -1,0 +1,34 @@
+"""The benchmark scripts run (CI-sized): they print their tables."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script(name, *args, timeout=600):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  return proc.stdout
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_runs_on_cpu():
+  out = _script("train_step.py", "--models", "trs_ti224", "--batch", "2", "--iters", "1",
+                "--warmup", "1", "--threads", "1")
+  row = [line for line in out.splitlines() if line.startswith("| TRS-DeiT-Ti/16")]
+  assert len(row) == 1
+  cells = [c.strip() for c in row[0].strip("|").split("|")]
+  assert float(cells[3]) > 0 and cells[7].endswith("x") and float(cells[8]) > 0
+
+
+def test_input_pipeline_benchmark_runs():
+  out = _script("input_pipeline.py", "--batches", "1", "--batch-size", "4", "--images", "8",
+                "--repeats", "1")
+  assert out.count("| jpeg 500x375") == 2 and "| synthetic 500 px" in out
