@@ -32,7 +32,7 @@ def get_config(arg=None):
   c.method = "transfg"
   c.model.name = f"transfg_{args.variant}_patch16"
   c.model.img_size = 448
-  c.model.kwargs = dict(patch_stride=12, region_selection="cls_row")
+  c.model.kwargs = dict(patch_stride=12, region_selection="cls_row", remat=False)
   c.init_from = ""  # e.g. /weights/ViT-B_16.npz (ImageNet-21k) or a timm ViT checkpoint
   c.data.name = "cub"
   c.data.data_dir = "data/CUB_200_2011"
@@ -59,7 +59,7 @@ def get_config(arg=None):
   if args.runlocal:
     c.model.name = "transfg_tiny_patch16"
     c.model.img_size = 64
-    c.model.kwargs = dict(depth=3, patch_stride=12, region_selection="cls_row")
+    c.model.kwargs = dict(depth=3, patch_stride=12, region_selection="cls_row", remat=False)
     c.data.resize_size = 72
     c.batch_size = 8
     c.eval_batch_size = 8

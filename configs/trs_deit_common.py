@@ -24,7 +24,8 @@ def trs_deit_config(arg, *, dataset: str, data_dir: str, lr: float, alpha: float
   c.method = "trs_deit"
   c.model.name = f"trs_deit_{args.variant}_patch16"
   c.model.img_size = 448
-  c.model.kwargs = dict(drop_path_rate=0.1, region_selection="trs" if args.trs else None)
+  c.model.kwargs = dict(drop_path_rate=0.1, region_selection="trs" if args.trs else None,
+                        remat=False)  # remat=True: recompute activations, less memory
   c.init_from = ""  # e.g. /weights/deit_base_distilled_patch16_224-df68dfff.pth
   c.data.name = dataset
   c.data.data_dir = data_dir
@@ -53,7 +54,8 @@ def trs_deit_config(arg, *, dataset: str, data_dir: str, lr: float, alpha: float
     # A quick local run: tiny model, small images, a few steps (data stays the real layout).
     c.model.name = "trs_deit_tiny_patch16"
     c.model.img_size = 64
-    c.model.kwargs = dict(depth=2, patch_size=16, region_selection="trs" if args.trs else None)
+    c.model.kwargs = dict(depth=2, patch_size=16, region_selection="trs" if args.trs else None,
+                          remat=False)
     c.data.resize_size = 72
     c.batch_size = 8
     c.eval_batch_size = 8

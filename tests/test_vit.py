@@ -348,3 +348,25 @@ def test_create_names():
     m = models.create(name, 3, 224)
     assert m.distilled == ("distilled" in name)
   assert models.create("vit_large_patch16", 3).width == 1024
+
+
+def test_remat_same_parameters_loss_and_gradients():
+  kw = dict(depth=3, drop_path_rate=0.1, head_zeroinit=False)
+  plain = models.create("trs_deit_tiny_patch16", 5, 64, **kw)
+  remat = models.create("trs_deit_tiny_patch16", 5, 64, remat=True, **kw)
+  x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+  variables = plain.init(jax.random.key(0), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(remat.init(jax.random.key(0), x))
+
+  def loss(model, params):
+    logits, aux = model.apply({"params": params}, x, train=True,
+                              rngs={"dropout": jax.random.key(3)})
+    return jnp.sum(logits ** 2) + jnp.sum(aux["dist_logits"])
+
+  l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(plain, p)))(variables["params"])
+  l2, g2 = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(variables["params"])
+  np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  _, aux = remat.apply(variables, x, return_attention=True)
+  assert len(aux["attention"]) == 3 and aux["selected"].shape == (2, 3)
