@@ -207,6 +207,45 @@ def timm_to_fgjax(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], 
   return out, unexpected
 
 
+def timm_resnet_to_variables(sd: Mapping[str, np.ndarray]) -> tuple[dict, list[str]]:
+  """Renames a timm/torchvision ResNet state dict to fgjax `{"params", "batch_stats"}` (nested
+  dicts of numpy arrays) for `fgjax.models.resnet.ResNet`. Returns (variables, unexpected)."""
+  params: dict[str, np.ndarray] = {}
+  stats: dict[str, np.ndarray] = {}
+  unexpected = []
+  layer_re = re.compile(r"layer(\d)\.(\d+)\.(.+)$")
+  bn_fields = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+               "running_mean": ("stats", "mean"), "running_var": ("stats", "var")}
+  for k, v in sd.items():
+    v = np.asarray(v)
+    mod, _, field = k.rpartition(".")
+    if m := layer_re.match(mod):
+      s, j, sub = m.groups()
+      sub = {"downsample.0": "downsample_conv", "downsample.1": "downsample_bn"}.get(sub, sub)
+      mod = f"layer{s}_{j}/{sub}"
+    if field == "num_batches_tracked":
+      continue
+    name = mod.rsplit("/", 1)[-1]
+    if name.startswith("conv") or name == "downsample_conv":
+      if field != "weight":
+        unexpected.append(k)
+        continue
+      params[f"{mod}/kernel"] = np.ascontiguousarray(v.transpose(2, 3, 1, 0))
+    elif name.startswith("bn") or name == "downsample_bn":
+      if field not in bn_fields:
+        unexpected.append(k)
+        continue
+      where, leaf = bn_fields[field]
+      (params if where == "params" else stats)[f"{mod}/{leaf}"] = v
+    elif mod == "fc":
+      params[f"fc/{'kernel' if field == 'weight' else 'bias'}"] = _t(v) if field == "weight" \
+          else v
+    else:
+      unexpected.append(k)
+  unflat = lambda d: traverse_util.unflatten_dict(d, sep="/")
+  return {"params": unflat(params), "batch_stats": unflat(stats)}, unexpected
+
+
 # Google ViT checkpoints (google-research/vision_transformer, augreg, big_vision).
 _IGNORED_GOOGLE = ("pre_logits/",)
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import flax.linen as nn
 
-from fgjax.models import cnn, vit
+from fgjax.models import cnn, resnet, vit
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -75,6 +75,16 @@ def _transfg_factory(variant: str):
 
 for _size in ("tiny", "small", "base", "large"):
   register(f"transfg_{_size}_patch16")(_transfg_factory(_size))
+
+
+def _resnet_factory(depth: int):
+  def make(num_classes: int, img_size=224, **kw):
+    return resnet.ResNet(num_classes=num_classes, depth=depth, img_size=img_size, **kw)
+  return make
+
+
+for _depth in (18, 34, 50, 101):
+  register(f"resnet{_depth}")(_resnet_factory(_depth))
 
 
 @register("cnn_small")

@@ -1,0 +1,107 @@
+"""ResNet-18/34/50/101 in Flax Linen, laid out like timm's `ResNet` (v1.5: the stride sits on the
+3x3 conv of a bottleneck), for PMG and CAL backbones.
+
+BatchNorm keeps running statistics in the `batch_stats` collection (torch defaults: momentum 0.1
+= flax momentum 0.9, eps 1e-5); under `jax.jit` over a data mesh the batch statistics of a train
+step are those of the global batch (XLA reduces across devices), i.e. synchronised BatchNorm.
+Call with `train=True, mutable=["batch_stats"]` to train; `train=False` uses the running
+statistics.
+
+`__call__(images, train=False)` returns `(logits, aux)`: aux["stages"] = the outputs of layer1 ..
+layer4 (NHWC; 256/512/1024/2048 channels for ResNet-50), aux["pre_logits"] = the globally
+average-pooled last map.
+
+Parameter names mirror timm's state dict (`fgjax.convert.timm_resnet_to_variables`):
+  conv1, bn1, layer{1-4}_{j}/{conv1,bn1,conv2,bn2[,conv3,bn3][,downsample_conv,downsample_bn]}, fc.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9  # torch momentum 0.1
+
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # timm / torchvision
+
+DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
+          50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
+
+
+def _conv(features, kernel, stride, dtype, param_dtype, name):
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
+                 param_dtype=param_dtype, kernel_init=_conv_init, name=name)
+
+
+def _bn(dtype, param_dtype, name, zero_scale=False):
+  return nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=dtype,
+                      param_dtype=param_dtype, name=name,
+                      scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones)
+
+
+class Block(nn.Module):
+  """A basic (two 3x3) or bottleneck (1x1, 3x3 with the stride, 1x1 x4) residual block."""
+  kind: str
+  width: int
+  stride: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    ura = not train
+    d, p = self.dtype, self.param_dtype
+    if self.kind == "basic":
+      out_ch = self.width
+      y = _conv(self.width, 3, self.stride, d, p, "conv1")(x)
+      y = nn.relu(_bn(d, p, "bn1")(y, use_running_average=ura))
+      y = _conv(self.width, 3, 1, d, p, "conv2")(y)
+      y = _bn(d, p, "bn2")(y, use_running_average=ura)
+    else:
+      out_ch = self.width * 4
+      y = _conv(self.width, 1, 1, d, p, "conv1")(x)
+      y = nn.relu(_bn(d, p, "bn1")(y, use_running_average=ura))
+      y = _conv(self.width, 3, self.stride, d, p, "conv2")(y)
+      y = nn.relu(_bn(d, p, "bn2")(y, use_running_average=ura))
+      y = _conv(out_ch, 1, 1, d, p, "conv3")(y)
+      y = _bn(d, p, "bn3")(y, use_running_average=ura)
+    if self.stride != 1 or x.shape[-1] != out_ch:
+      x = _conv(out_ch, 1, self.stride, d, p, "downsample_conv")(x)
+      x = _bn(d, p, "downsample_bn")(x, use_running_average=ura)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """ResNet classifier; see the module docstring."""
+  num_classes: int
+  depth: int = 50
+  img_size: int = 224
+  widths: Sequence[int] = (64, 128, 256, 512)
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False, return_attention: bool = False):
+    del return_attention  # accepted for a uniform model interface; a CNN has none
+    if self.depth not in DEPTHS:
+      raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}, got {self.depth}")
+    kind, layers = DEPTHS[self.depth]
+    d, p = self.dtype, self.param_dtype
+    x = _conv(64, 7, 2, d, p, "conv1")(images.astype(d))
+    x = nn.relu(_bn(d, p, "bn1")(x, use_running_average=not train))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    stages = []
+    for s, (width, n) in enumerate(zip(self.widths, layers)):
+      for j in range(n):
+        stride = 2 if (j == 0 and s > 0) else 1
+        x = Block(kind, width, stride, d, p, name=f"layer{s + 1}_{j}")(x, train)
+      stages.append(x)
+    feat = x.astype(jnp.float32).mean(axis=(1, 2))
+    logits = nn.Dense(self.num_classes, dtype=d, param_dtype=p, name="fc")(feat)
+    return logits.astype(jnp.float32), {"stages": stages, "pre_logits": feat}

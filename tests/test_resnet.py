@@ -1,0 +1,58 @@
+"""ResNet: logits parity with timm (random weights, eval mode), stage maps, BatchNorm updates."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+from fgjax import convert, models  # noqa: E402
+from fgjax.models import resnet  # noqa: E402
+
+
+def _timm_with_random_stats(name, num_classes):
+  torch.manual_seed(0)
+  ref = timm.create_model(name, pretrained=False, num_classes=num_classes).eval()
+  g = torch.Generator().manual_seed(1)
+  with torch.no_grad():
+    for m in ref.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics and affine terms
+        m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+        m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+        m.weight.copy_(1 + 0.1 * torch.randn(m.num_features, generator=g))
+        m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+  return ref
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_logits_parity_with_timm(depth):
+  ref = _timm_with_random_stats(f"resnet{depth}", 7)
+  variables, unexpected = convert.timm_resnet_to_variables(
+      {k: v.numpy() for k, v in ref.state_dict().items()})
+  assert unexpected == []
+  model = models.create(f"resnet{depth}", 7, 64)
+  fresh = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+  assert jax.tree.structure(jax.tree.map(np.shape, dict(fresh))) == \
+      jax.tree.structure(jax.tree.map(np.shape, variables))  # every name maps, nothing left
+  x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+  with torch.no_grad():
+    want = ref(torch.from_numpy(x)).numpy()
+  logits, aux = jax.jit(lambda v, x: model.apply(v, x))(variables, x.transpose(0, 2, 3, 1))
+  np.testing.assert_allclose(np.asarray(logits), want, atol=1e-4, rtol=1e-4)
+  widths = (64, 128, 256, 512) if depth == 18 else (256, 512, 1024, 2048)
+  assert [a.shape for a in aux["stages"]] == [(2, 16, 16, widths[0]), (2, 8, 8, widths[1]),
+                                              (2, 4, 4, widths[2]), (2, 2, 2, widths[3])]
+
+
+def test_train_mode_updates_batch_stats():
+  model = models.create("resnet18", 3, 32)
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  variables = model.init(jax.random.key(1), x)
+  (_, _), new = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  before = variables["batch_stats"]["bn1"]["mean"]
+  after = new["batch_stats"]["bn1"]["mean"]
+  assert not np.allclose(np.asarray(before), np.asarray(after))
+  with pytest.raises(ValueError, match="depth"):
+    resnet.ResNet(num_classes=3, depth=42).init(jax.random.key(0), x)
