@@ -112,9 +112,10 @@ def load_teacher_model(path: str, num_classes: int, mesh):
                        f"fgjax params .npz (python -m fgjax.tools.convert writes one)")
   model = models.create(meta["model"], meta["num_classes"], meta["img_size"],
                         **dict(meta.get("model_kwargs", {})))
-  params = convert.load_checkpoint(path, meta["model"], meta["img_size"], meta["num_classes"],
-                                   model_kwargs=meta.get("model_kwargs"))
+  variables = convert.load_checkpoint(path, meta["model"], meta["img_size"],
+                                      meta["num_classes"], model_kwargs=meta.get("model_kwargs"),
+                                      with_collections=True)
   if meta["num_classes"] != num_classes:
     raise TeacherError(f"config.teacher.checkpoint: {path} has {meta['num_classes']} classes, "
                        f"the training data has {num_classes}")
-  return model, {"params": params}, f"{meta['model']} from {path}"
+  return model, variables, f"{meta['model']} from {path}"

@@ -56,3 +56,26 @@ def test_train_mode_updates_batch_stats():
   assert not np.allclose(np.asarray(before), np.asarray(after))
   with pytest.raises(ValueError, match="depth"):
     resnet.ResNet(num_classes=3, depth=42).init(jax.random.key(0), x)
+
+
+def test_load_checkpoint_and_convert_cli_carry_batch_stats(tmp_path):
+  from safetensors.numpy import save_file
+  ref = _timm_with_random_stats("resnet18", 1000)
+  sd = {k: v.numpy().copy() for k, v in ref.state_dict().items()}
+  path = tmp_path / "resnet18.safetensors"
+  save_file(sd, str(path))
+  variables = convert.load_checkpoint(str(path), "resnet18", 64, num_classes=5,
+                                      with_collections=True)
+  assert variables["params"]["fc"]["kernel"].shape == (512, 5)  # re-initialised head
+  np.testing.assert_allclose(variables["batch_stats"]["layer2_0"]["downsample_bn"]["var"],
+                             sd["layer2.0.downsample.1.running_var"])
+  params_only = convert.load_checkpoint(str(path), "resnet18", 64, num_classes=5)
+  assert set(params_only) == set(variables["params"])
+  # The CLI writes both collections; loading its file gives the same variables.
+  from fgjax.tools import convert as cli
+  out = tmp_path / "r18.npz"
+  assert cli.main([str(path), str(out), "--model", "resnet18", "--img-size", "64",
+                   "--num-classes", "5"]) == 0
+  again = convert.load_checkpoint(str(out), "resnet18", 64, num_classes=5, with_collections=True)
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

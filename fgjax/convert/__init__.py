@@ -37,7 +37,7 @@ from fgjax.convert.resample import resample_pos_embed
 log = logging.getLogger(__name__)
 
 FGJAX_NPZ_MARKER = "__fgjax_meta__"
-HEAD_NAMES = ("head", "head_dist")
+HEAD_NAMES = ("head", "head_dist", "fc")
 
 
 class CheckpointError(ValueError):
@@ -314,16 +314,27 @@ def google_to_fgjax(npz: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray
 
 
 def _detect_and_rename(flat: Mapping[str, np.ndarray], path: str):
+  """-> (flat params, unexpected keys, {collection: flat arrays} such as batch_stats)."""
   keys = list(flat)
   if FGJAX_NPZ_MARKER in flat or any(k.startswith("params/") for k in keys):
     out = {k[len("params/"):]: v for k, v in flat.items() if k.startswith("params/")}
-    return out, [k for k in keys if not k.startswith("params/") and k != FGJAX_NPZ_MARKER]
+    stats = {k[len("batch_stats/"):]: v for k, v in flat.items()
+             if k.startswith("batch_stats/")}
+    rest = [k for k in keys if not k.startswith(("params/", "batch_stats/"))
+            and k != FGJAX_NPZ_MARKER]
+    return out, rest, ({"batch_stats": stats} if stats else {})
   if any(k.startswith("Transformer/") or k == "embedding/kernel" for k in keys):
-    return google_to_fgjax(flat)
+    return (*google_to_fgjax(flat), {})
   if any(k.startswith(("blocks.", "patch_embed.")) for k in keys):
-    return timm_to_fgjax(flat)
-  raise CheckpointError(f"{path}: not a ViT/DeiT checkpoint (no timm 'blocks.*', Google "
-                        f"'Transformer/*' or fgjax 'params/*' keys; first keys: {keys[:8]})")
+    return (*timm_to_fgjax(flat), {})
+  if any(k.startswith("layer1.0.") for k in keys):
+    variables, unexpected = timm_resnet_to_variables(flat)
+    flat_of = lambda d: traverse_util.flatten_dict(d, sep="/")
+    return (flat_of(variables["params"]), unexpected,
+            {"batch_stats": flat_of(variables["batch_stats"])})
+  raise CheckpointError(f"{path}: not a ViT/DeiT/ResNet checkpoint (no timm 'blocks.*' or "
+                        f"'layer1.*', Google 'Transformer/*' or fgjax 'params/*' keys; first "
+                        f"keys: {keys[:8]})")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -337,7 +348,7 @@ def _num_classes_of(params: Mapping[str, np.ndarray], head: str) -> int | None:
 def load_checkpoint(path: str | os.PathLike, model_name: str, img_size=224,
                     num_classes: int = 1000, *, dont_load: Sequence[str] = (),
                     model_kwargs: Mapping[str, Any] | None = None,
-                    rng: jax.Array | int = 0) -> dict:
+                    rng: jax.Array | int = 0, with_collections: bool = False) -> dict:
   """Loads pretrained weights for `fgjax.models.create(model_name, num_classes, img_size)`.
 
   Args:
@@ -350,17 +361,46 @@ def load_checkpoint(path: str | os.PathLike, model_name: str, img_size=224,
       initial values instead of loading them.
     model_kwargs: extra architecture arguments for `create` (e.g. `patch_stride=12`).
     rng: seed for re-initialised parameters.
+    with_collections: also return the model's other collections (BatchNorm `batch_stats` of a
+      ResNet) as `{"params": ..., "batch_stats": ...}`.
 
   Returns:
-    The params pytree (nested dict of float32 numpy arrays) for `model.apply`.
+    The params pytree (nested dict of float32 numpy arrays) for `model.apply`, or all variables
+    with `with_collections`.
   """
   from fgjax import models
   path = os.fspath(path)
   model = models.create(model_name, num_classes=num_classes, img_size=img_size,
                         **dict(model_kwargs or {}))
   flat = read_file(path)
-  loaded, unexpected = _detect_and_rename(flat, path)
-  return merge_into_model(model, loaded, unexpected, path=path, dont_load=dont_load, rng=rng)
+  loaded, unexpected, collections = _detect_and_rename(flat, path)
+  params = merge_into_model(model, loaded, unexpected, path=path, dont_load=dont_load, rng=rng)
+  if not with_collections:
+    return params
+  return {"params": params, **_merge_collections(model, collections, path)}
+
+
+def _merge_collections(model, collections: Mapping[str, Mapping[str, np.ndarray]],
+                       path: str) -> dict:
+  """The model's non-param collections filled from the checkpoint (all keys must match)."""
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1,) + _hw(model) + (3,)), train=False))
+  out = {}
+  for name, tree in dict(shapes).items():
+    if name == "params":
+      continue
+    target = traverse_util.flatten_dict(dict(tree), sep="/")
+    have = dict(collections.get(name, {}))
+    missing = sorted(set(target) - set(have))
+    extra = sorted(set(have) - set(target))
+    bad = sorted(k for k in target if k in have and tuple(have[k].shape) != target[k].shape)
+    if missing or extra or bad:
+      raise CheckpointMismatchError(
+          f"{path}: its {name} do not fit the model: missing {missing[:10]}, unexpected "
+          f"{extra[:10]}, shape mismatches {bad[:10]}")
+    out[name] = traverse_util.unflatten_dict(
+        {k: np.asarray(have[k], dtype=v.dtype) for k, v in target.items()}, sep="/")
+  return out
 
 
 def init_params(model, rng: jax.Array | int = 0) -> dict:
@@ -453,11 +493,14 @@ def _hw(model) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- writing
 
 
-def save_params_npz(path: str | os.PathLike, params: Mapping, meta: Mapping | None = None):
-  """Writes params as an fgjax `.npz` (keys 'params/<a>/<b>'), loadable by `load_checkpoint`
-  and by a config's `init_from`."""
-  flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, dict(params)), sep="/")
-  arrays = {f"params/{k}": np.asarray(v) for k, v in flat.items()}
+def save_params_npz(path: str | os.PathLike, params: Mapping, meta: Mapping | None = None,
+                    collections: Mapping[str, Mapping] | None = None):
+  """Writes params (and e.g. `{"batch_stats": ...}` collections) as an fgjax `.npz` (keys
+  'params/<a>/<b>', 'batch_stats/<a>/<b>'), loadable by `load_checkpoint` and `init_from`."""
+  arrays = {}
+  for prefix, tree in {"params": params, **dict(collections or {})}.items():
+    flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, dict(tree)), sep="/")
+    arrays.update({f"{prefix}/{k}": np.asarray(v) for k, v in flat.items()})
   arrays[FGJAX_NPZ_MARKER] = np.frombuffer(json.dumps(dict(meta or {})).encode(), np.uint8)
   path = os.fspath(path)
   tmp = path + ".tmp.npz"

@@ -38,15 +38,16 @@ def main(argv=None) -> int:
   if args.patch_stride:
     kw["patch_stride"] = args.patch_stride
   try:
-    params = convert.load_checkpoint(args.input, args.model, img_size=args.img_size,
-                                     num_classes=args.num_classes, dont_load=args.dont_load,
-                                     model_kwargs=kw)
+    variables = convert.load_checkpoint(args.input, args.model, img_size=args.img_size,
+                                        num_classes=args.num_classes, dont_load=args.dont_load,
+                                        model_kwargs=kw, with_collections=True)
   except (convert.CheckpointError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   meta = dict(model=args.model, img_size=args.img_size, num_classes=args.num_classes,
               source=args.input, model_kwargs=kw)
-  convert.save_params_npz(args.output, params, meta)
+  params = variables.pop("params")
+  convert.save_params_npz(args.output, params, meta, collections=variables)
   n = sum(np.size(x) for x in __import__("jax").tree.leaves(params))
   print(f"wrote {args.output}: {args.model} @ {args.img_size}px, {args.num_classes} classes, "
         f"{n / 1e6:.2f}M parameters")

@@ -222,8 +222,11 @@ def create_train_state(config, model, method, tx, mesh, rng, init_batch_shape,
     loaded = convert.load_checkpoint(
         config.init_from, config.model.name, img_size=config.model.img_size,
         num_classes=model.num_classes, dont_load=tuple(config.get("init_dont_load", ()) or ()),
-        model_kwargs={k: v for k, v in dict(config.model.get("kwargs", {}) or {}).items()})
-    params = jax.device_put(loaded, var_shardings["params"])
+        model_kwargs={k: v for k, v in dict(config.model.get("kwargs", {}) or {}).items()},
+        with_collections=True)
+    params = jax.device_put(loaded.pop("params"), var_shardings["params"])
+    for name, tree in loaded.items():  # e.g. a ResNet's BatchNorm statistics
+      variables[name] = jax.device_put(tree, var_shardings[name])
     log.info("initialised from %s", config.init_from)
   state = {"params": params, "step": jnp.zeros((), jnp.int32),
            "bad_step": jnp.full((), -1, jnp.int32)}
