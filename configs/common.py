@@ -65,3 +65,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.visualize_examples = 0  # region PNGs of the first N test images after training
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   return c
+
+
+def quick_run(c: ml_collections.ConfigDict, steps: int = 2, batch: int = 8):
+  """The step-based schedule of a `runlocal` variant: `steps` steps of `batch` images, logged
+  every step, evaluated at the end, a checkpoint every step."""
+  c.batch_size = batch
+  c.eval_batch_size = batch
+  c.total_epochs = None
+  c.total_steps = steps
+  c.log_every_steps = 1
+  c.eval_every_epochs = None
+  c.eval_every_steps = steps
+  c.checkpoint_every_epochs = None
+  c.checkpoint_every_steps = 1

@@ -57,17 +57,9 @@ def trs_deit_config(arg, *, dataset: str, data_dir: str, lr: float, alpha: float
     c.model.kwargs = dict(depth=2, patch_size=16, region_selection="trs" if args.trs else None,
                           remat=False)
     c.data.resize_size = 72
-    c.batch_size = 8
-    c.eval_batch_size = 8
-    c.total_epochs = None
-    c.total_steps = 2
+    common.quick_run(c)
     c.optim.warmup_epochs = None
     c.optim.warmup_steps = 1
     c.optim.decay_every_epochs = None
     c.optim.decay_every_steps = 1
-    c.log_every_steps = 1
-    c.eval_every_epochs = None
-    c.eval_every_steps = 2
-    c.checkpoint_every_epochs = None
-    c.checkpoint_every_steps = 1
   return c

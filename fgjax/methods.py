@@ -10,6 +10,11 @@ the rest: sharding, optimizer, checkpoints, evaluation loop.
       L_con = (1 - alpha) L_con(z_cls) + alpha L_con(z_dist),   L = L_dist + L_con.
   y_t = argmax teacher(x): from a frozen teacher run inside the jitted step, from a
   teacher-prediction file (looked up by example id), or, without a teacher, the ground truth.
+- `pmg`: PMG's progressive training (spec section 5): each batch is used S + 1 times, in order
+  jigsaw 8 -> CE(y^3), jigsaw 4 -> CE(y^4), jigsaw 2 -> CE(y^5), original -> 2 CE(y^concat),
+  each its own forward, backward and optimizer update (`stage_losses`; the trainer runs them in
+  sequence inside one jitted step, BatchNorm statistics updated by each). Evaluation reports
+  the concat head (`top1`) and the sum of the four (`combined_top1`).
 - `transfg`: TransFG (spec section 3): CE(part-layer cls logits, y) (optional label smoothing)
   + L_con(z_cls) on the final cls token with margin `config.transfg.margin` (0.4), weight 1.
 """
@@ -157,8 +162,71 @@ class TransFG(Method):
     return loss, (metrics, new_vars)
 
 
+class PMG(Method):
+  """PMG's progressive multi-granularity objective; see the module docstring."""
+  name = "pmg"
+  mutable = ("batch_stats",)
+
+  def __init__(self, config, model, num_classes):
+    super().__init__(config, model, num_classes)
+    from fgjax.jigsaw import check_jigsaw_size
+    if not hasattr(model, "stage_maps"):
+      raise ValueError(f"config.method='pmg' needs a PMG model (pmg_resnet50, pmg_deit_base, "
+                       f"...); got config.model.name={config.model.name!r}")
+    pcfg = config.get("pmg", {}) or {}
+    self.granularities = tuple(int(n) for n in pcfg.get("jigsaw", (8, 4, 2)))
+    self.concat_weight = float(pcfg.get("concat_weight", 2.0))
+    if len(self.granularities) != 3:
+      raise ValueError(f"config.pmg.jigsaw must give 3 granularities (one per stage head), got "
+                       f"{self.granularities}")
+    self.patch_size = model.patch_size  # None for CNN backbones
+    size = int(config.model.img_size)
+    for n in self.granularities:
+      try:
+        check_jigsaw_size(size, size, n, self.patch_size)
+      except ValueError as e:
+        raise ValueError(f"config.model.img_size={size} with config.pmg.jigsaw="
+                         f"{self.granularities}: {e}") from None
+
+  @property
+  def updates_per_step(self) -> int:
+    return len(self.granularities) + 1
+
+  def stage_losses(self):
+    """The S + 1 losses of one batch, in order: fn(params, extra, batch, rng) -> (loss,
+    (metrics, new extra vars))."""
+    from fgjax.jigsaw import jigsaw
+
+    def jigsaw_loss(k, n):
+      def fn(params, extra, batch, rng):
+        r_jig, r_drop = jax.random.split(rng)
+        x = jigsaw(batch["image"], n, r_jig, patch_size=self.patch_size)
+        _, aux, new = self.apply_train(params, extra, x, r_drop)
+        loss = losses.cross_entropy(aux["stage_logits"][k], batch["label"],
+                                    self.label_smoothing)
+        return loss, ({f"loss_jigsaw{n}": loss}, new)
+      return fn
+
+    def concat_loss(params, extra, batch, rng):
+      logits, aux, new = self.apply_train(params, extra, batch["image"], rng)
+      ce = losses.cross_entropy(aux["concat_logits"], batch["label"], self.label_smoothing)
+      loss = self.concat_weight * ce
+      acc = (jnp.argmax(aux["concat_logits"], -1) == batch["label"]).mean()
+      return loss, ({"loss_concat": loss, "accuracy": acc}, new)
+
+    return [jigsaw_loss(k, n) for k, n in enumerate(self.granularities)] + [concat_loss]
+
+  def loss(self, params, extra_vars, batch, rng, teacher_labels=None):
+    """The last of the S + 1 losses (the trainer runs all of them, see `stage_losses`)."""
+    return self.stage_losses()[-1](params, extra_vars, batch, rng)
+
+  def eval_outputs(self, variables, batch, need_selection: bool = False) -> dict:
+    _, aux = self.model.apply(variables, batch["image"], train=False)
+    return {"logits": aux["concat_logits"], "combined": aux["combined_logits"]}
+
+
 METHODS: dict[str, type[Method]] = {"classifier": Classifier, "trs_deit": TRSDeiT,
-                                    "transfg": TransFG}
+                                    "transfg": TransFG, "pmg": PMG}
 
 
 def get_method(config, model, num_classes) -> Method:

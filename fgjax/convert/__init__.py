@@ -380,6 +380,16 @@ def load_checkpoint(path: str | os.PathLike, model_name: str, img_size=224,
   return {"params": params, **_merge_collections(model, collections, path)}
 
 
+def load_backbone(path: str | os.PathLike, backbone) -> dict:
+  """Loads a pretrained checkpoint into a backbone module built without its classifier
+  (`num_classes=0`, e.g. PMG's ResNet or DeiT trunk): `{"params", ["batch_stats"]}`; the
+  checkpoint's classifier weights are dropped, everything else must fit."""
+  path = os.fspath(path)
+  loaded, unexpected, collections = _detect_and_rename(read_file(path), path)
+  params = merge_into_model(backbone, loaded, unexpected, path=path)
+  return {"params": params, **_merge_collections(backbone, collections, path)}
+
+
 def _merge_collections(model, collections: Mapping[str, Mapping[str, np.ndarray]],
                        path: str) -> dict:
   """The model's non-param collections filled from the checkpoint (all keys must match)."""
@@ -426,6 +436,9 @@ def merge_into_model(model, loaded: Mapping[str, np.ndarray], unexpected: Iterab
   prefix = getattr(model, "num_prefix_tokens", 1)
 
   reinit: set[str] = set()
+  if getattr(model, "num_classes", None) == 0:  # a feature extractor: drop classifier weights
+    for k in [k for k in loaded if k.split("/")[0] in HEAD_NAMES and k not in target]:
+      loaded.pop(k)
   for head in HEAD_NAMES:
     if f"{head}/kernel" not in target:
       continue

@@ -13,7 +13,7 @@ from typing import Callable
 
 import flax.linen as nn
 
-from fgjax.models import cnn, resnet, vit
+from fgjax.models import cnn, pmg, resnet, vit
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -85,6 +85,38 @@ def _resnet_factory(depth: int):
 
 for _depth in (18, 34, 50, 101):
   register(f"resnet{_depth}")(_resnet_factory(_depth))
+
+
+def _pmg_resnet_factory(depth: int):
+  """PMG heads on a ResNet's layer2/3/4 (spec section 5)."""
+  def make(num_classes: int, img_size=448, dtype=None, **kw):
+    dt = {} if dtype is None else {"dtype": dtype}
+    backbone = resnet.ResNet(num_classes=0, depth=depth, img_size=img_size, **dt)
+    return pmg.PMG(num_classes=num_classes, backbone=backbone, **dt, **kw)
+  return make
+
+
+def _pmg_deit_factory(variant: str):
+  """PMG heads on the patch tokens of a DeiT (no distillation token) after blocks L/3, 2L/3, L,
+  reshaped to the patch grid."""
+  def make(num_classes: int, img_size=448, dtype=None, feature_blocks=None, depth=None, **kw):
+    args = vit.decode_variant(variant)
+    args["patch_size"] = 16
+    if depth is not None:
+      args["depth"] = depth
+    d = args["depth"]
+    blocks = tuple(feature_blocks or (d // 3 - 1, 2 * d // 3 - 1, d - 1))
+    dt = {} if dtype is None else {"dtype": dtype}
+    backbone = vit.VisionTransformer(num_classes=0, img_size=img_size, distilled=False,
+                                     feature_blocks=blocks, **args, **dt)
+    return pmg.PMG(num_classes=num_classes, backbone=backbone, **dt, **kw)
+  return make
+
+
+for _depth in (18, 50, 101):
+  register(f"pmg_resnet{_depth}")(_pmg_resnet_factory(_depth))
+for _size in ("tiny", "small", "base"):
+  register(f"pmg_deit_{_size}")(_pmg_deit_factory(_size))
 
 
 @register("cnn_small")

@@ -7,7 +7,8 @@ step are those of the global batch (XLA reduces across devices), i.e. synchronis
 Call with `train=True, mutable=["batch_stats"]` to train; `train=False` uses the running
 statistics.
 
-`__call__(images, train=False)` returns `(logits, aux)`: aux["stages"] = the outputs of layer1 ..
+`__call__(images, train=False)` returns `(logits, aux)` (`num_classes=0`: no `fc`, the pooled
+features instead of logits): aux["stages"] = the outputs of layer1 ..
 layer4 (NHWC; 256/512/1024/2048 channels for ResNet-50), aux["pre_logits"] = the globally
 average-pooled last map.
 
@@ -103,5 +104,8 @@ class ResNet(nn.Module):
         x = Block(kind, width, stride, d, p, name=f"layer{s + 1}_{j}")(x, train)
       stages.append(x)
     feat = x.astype(jnp.float32).mean(axis=(1, 2))
+    aux = {"stages": stages, "pre_logits": feat}
+    if self.num_classes == 0:  # a feature extractor (PMG, CAL): no classifier
+      return feat, aux
     logits = nn.Dense(self.num_classes, dtype=d, param_dtype=p, name="fc")(feat)
-    return logits.astype(jnp.float32), {"stages": stages, "pre_logits": feat}
+    return logits.astype(jnp.float32), aux

@@ -189,6 +189,9 @@ class VisionTransformer(nn.Module):
   # None = plain ViT/DeiT; "trs" = TRS-DeiT's four rollout vectors; "cls_row" = TransFG's
   # part selection from the cls row of the rollout.
   region_selection: Optional[str] = None
+  # Blocks (0-based) whose output patch tokens are returned as aux["block_tokens"] (B, N, D),
+  # e.g. for PMG heads reading three depths.
+  feature_blocks: Sequence[int] = ()
   # Rematerialise every block (jax.checkpoint): activations are recomputed in the backward
   # pass instead of stored, trading ~30% more compute for much less memory. Same parameters.
   remat: bool = False
@@ -246,6 +249,9 @@ class VisionTransformer(nn.Module):
                                   bias_init=_zeros, name=name)
     aux["tokens"] = x
     cls_feat = x[:, 0]
+    if self.num_classes == 0:  # a feature extractor: no heads
+      aux["pre_logits"] = cls_feat
+      return cls_feat
     cls_logits = dense("head")(cls_feat).astype(jnp.float32)
     aux["cls_features"] = cls_feat
     aux["cls_logits"] = cls_logits
@@ -275,6 +281,8 @@ class VisionTransformer(nn.Module):
       x, probs = self.make_block(i)(x, train, need)
       if need:
         attentions.append(probs)
+      if i in self.feature_blocks:
+        aux.setdefault("block_tokens", []).append(x[:, self.num_prefix_tokens:])
     if return_attention:
       aux["attention"] = attentions
     logits = self.classify(x, aux)

@@ -217,7 +217,18 @@ def create_train_state(config, model, method, tx, mesh, rng, init_batch_shape,
   var_shardings = state_shardings(jax.eval_shape(init, rng), mesh)
   variables = jax.jit(init, out_shardings=var_shardings)(rng)
   params = variables.pop("params")
-  if config.get("init_from") and load_pretrained:
+  if config.get("init_from") and load_pretrained and getattr(model, "backbone", None) is not None:
+    # A wrapper model (PMG): the checkpoint is the backbone's (e.g. ImageNet ResNet-50).
+    from fgjax import convert
+    loaded = convert.load_backbone(config.init_from, model.backbone)
+    params = dict(params)
+    params["backbone"] = jax.device_put(loaded.pop("params"),
+                                        var_shardings["params"]["backbone"])
+    for name, tree in loaded.items():
+      variables[name] = dict(variables[name])
+      variables[name]["backbone"] = jax.device_put(tree, var_shardings[name]["backbone"])
+    log.info("initialised the backbone from %s", config.init_from)
+  elif config.get("init_from") and load_pretrained:
     from fgjax import convert
     loaded = convert.load_checkpoint(
         config.init_from, config.model.name, img_size=config.model.img_size,
@@ -253,14 +264,20 @@ def make_train_step(config, method, tx, schedules, base_rng, teacher_fn):
     if teacher_fn is not None:
       teacher_labels = jax.lax.stop_gradient(teacher_fn(teacher_inputs, batch))
     extra = _collections(state)
-
-    def loss_fn(params):
-      return method.loss(params, extra, batch, rng, teacher_labels)
-
-    (loss, (metrics, new_extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"])
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    params, opt = state["params"], state["opt"]
+    # One update per loss: a single loss for most methods, S + 1 in sequence for PMG.
+    loss_fns = method.stage_losses() if hasattr(method, "stage_losses") else [
+        lambda p, e, b, r: method.loss(p, e, b, r, teacher_labels)]
+    loss, metrics, new_extra = 0.0, {}, extra
+    for k, fn in enumerate(loss_fns):
+      r = rng if len(loss_fns) == 1 else jax.random.fold_in(rng, k)
+      (loss_k, (m, new_extra)), grads = jax.value_and_grad(fn, has_aux=True)(
+          params, new_extra, batch, r)
+      updates, opt = tx.update(grads, opt, params)
+      params = optax.apply_updates(params, updates)
+      new_extra = new_extra or {}
+      loss = loss + loss_k
+      metrics.update(m)
     new = {"params": params, "opt": opt, "step": step + 1}
     new.update(new_extra or {})
     if "ema" in state:
@@ -273,9 +290,10 @@ def make_train_step(config, method, tx, schedules, base_rng, teacher_fn):
     out["step"] = step + 1
     out["bad_step"] = jnp.where(finite | (state["bad_step"] >= 0), state["bad_step"], step)
     metrics = dict(metrics)
+    metrics["loss"] = loss
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["param_norm"] = optax.tree.norm(params)
-    metrics["lr"] = schedules["new"](step)
+    metrics["lr"] = schedules["new"](step * len(loss_fns))
     return out, metrics
 
   return step_fn
@@ -453,11 +471,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      f"devices ({jax.device_count()})")
   steps_per_epoch = max(len(train_src) // batch_size, 1)
   total_steps = get_steps(config, "total", steps_per_epoch)
+  # Schedules count optimizer updates: PMG makes S + 1 updates per batch.
+  updates_per_step = int(getattr(method, "updates_per_step", 1))
   ocfg = ml_collections.ConfigDict(config.optim.to_dict())
   with ocfg.unlocked():
     for key in ("warmup", "decay_every"):
       if ocfg.get(f"{key}_epochs") is not None or ocfg.get(f"{key}_steps") is not None:
-        ocfg[f"{key}_steps"] = get_steps(ocfg, key, steps_per_epoch)
+        ocfg[f"{key}_steps"] = get_steps(ocfg, key, steps_per_epoch) * updates_per_step
   log_every = get_steps(config, "log_every", steps_per_epoch, default=50)
   eval_every = get_steps(config, "eval_every", steps_per_epoch, default=total_steps)
   ckpt_every = get_steps(config, "checkpoint_every", steps_per_epoch, default=eval_every)
@@ -470,7 +490,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   params_shape = jax.eval_shape(
       lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, img, img, 3)),
                          train=False)["params"])
-  tx, schedules = optim.make_optimizer(ocfg, params_shape, total_steps)
+  tx, schedules = optim.make_optimizer(ocfg, params_shape, total_steps * updates_per_step)
   teacher_fn, teacher_inputs, teacher_desc = _teacher_labels_fn(config, mesh, train_src) \
       if method.uses_teacher else (None, None, "")
   if method.uses_teacher:

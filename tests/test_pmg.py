@@ -1,0 +1,142 @@
+"""PMG: heads against the reference's parameter count, the progressive step, quick configs,
+resume."""
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import data_fixtures as fx
+from configs import (pmg_deit_cub, pmg_resnet50_aircraft, pmg_resnet50_cars,
+                     pmg_resnet50_cub)
+from fgjax import methods, models
+from fgjax.train import logs, optim, trainer
+
+torch = pytest.importorskip("torch")
+
+
+def _reference_pmg_head_params(num_classes, num_ftrs=2048, feature_size=512):
+  """Parameter count of PRIS-CV PMG's heads (conv_block1-3, classifier1-3, classifier_concat),
+  rebuilt from the paper's description in torch."""
+  nn = torch.nn
+
+  def basic_conv(cin, cout, k):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
+                         nn.BatchNorm2d(cout, eps=1e-5, momentum=0.01), nn.ReLU())
+
+  def classifier(cin):
+    return nn.Sequential(nn.BatchNorm1d(cin), nn.Linear(cin, feature_size),
+                         nn.BatchNorm1d(feature_size), nn.ELU(),
+                         nn.Linear(feature_size, num_classes))
+
+  heads = nn.ModuleList(
+      [nn.Sequential(basic_conv(c, feature_size, 1), basic_conv(feature_size, num_ftrs // 2, 3))
+       for c in (num_ftrs // 4, num_ftrs // 2, num_ftrs)]
+      + [classifier(num_ftrs // 2) for _ in range(3)] + [classifier(num_ftrs // 2 * 3)])
+  return sum(p.numel() for p in heads.parameters())
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_head_parameter_count_equals_the_reference_on_resnet50():
+  model = models.create("pmg_resnet50", 200, 448)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 448, 448, 3))))
+  params = dict(shapes["params"])
+  backbone = params.pop("backbone")
+  assert _count(params) == _reference_pmg_head_params(200)
+  timm = pytest.importorskip("timm")
+  ref = timm.create_model("resnet50", pretrained=False, num_classes=0)
+  assert _count(backbone) == sum(p.numel() for p in ref.parameters())
+
+
+def _pmg_method(img=64, name="pmg_resnet18"):
+  cfg = pmg_resnet50_cub.get_config("runlocal")
+  cfg.model.name, cfg.model.img_size = name, img
+  model = models.create(name, 3, img, **cfg.model.kwargs)
+  return cfg, model, methods.get_method(cfg, model, 3)
+
+
+def test_progressive_step_makes_four_updates_and_updates_batch_stats():
+  cfg, model, method = _pmg_method()
+  mesh = trainer.make_mesh(cfg)
+  params_shape = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"])
+  tx, schedules = optim.make_optimizer(cfg.optim, params_shape, 100)
+  state = trainer.create_train_state(cfg, model, method, tx, mesh, jax.random.key(0),
+                                     (1, 64, 64, 3))
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.normal(size=(8, 64, 64, 3)), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 3, 8), jnp.int32)}
+  step = jax.jit(trainer.make_train_step(cfg, method, tx, schedules, jax.random.key(1), None))
+  new, metrics = step(jax.tree.map(jnp.copy, state), batch, None)
+  counts = {int(x) for x in jax.tree.leaves(new["opt"]) if x.shape == () and
+            x.dtype == jnp.int32}
+  assert counts == {4}  # four optimizer updates for one batch
+  assert {"loss_jigsaw8", "loss_jigsaw4", "loss_jigsaw2", "loss_concat"} <= set(metrics)
+  np.testing.assert_allclose(
+      float(metrics["loss"]), sum(float(metrics[k]) for k in
+                                  ("loss_jigsaw8", "loss_jigsaw4", "loss_jigsaw2",
+                                   "loss_concat")), rtol=1e-5)
+  before = state["batch_stats"]["backbone"]["bn1"]["mean"]
+  after = new["batch_stats"]["backbone"]["bn1"]["mean"]
+  assert not np.allclose(np.asarray(before), np.asarray(after))
+  # Evaluation outputs both the concat head and the sum of the four heads.
+  out = method.eval_outputs({"params": new["params"], "batch_stats": new["batch_stats"]},
+                            batch)
+  assert set(out) == {"logits", "combined"}
+
+
+def test_bad_image_size_for_the_jigsaw_is_a_config_error():
+  cfg = pmg_resnet50_cub.get_config("runlocal")
+  cfg.model.img_size = 60
+  model = models.create(cfg.model.name, 3, 60, **cfg.model.kwargs)
+  with pytest.raises(ValueError, match="config.model.img_size=60"):
+    methods.get_method(cfg, model, 3)
+
+
+@pytest.mark.parametrize("module,maker", [
+    (pmg_resnet50_cub, fx.make_fake_cub), (pmg_resnet50_cars, fx.make_fake_cars),
+    (pmg_resnet50_aircraft, fx.make_fake_aircraft), (pmg_deit_cub, fx.make_fake_cub)])
+def test_quick_configs_train_one_step_on_fake_data(tmp_path, module, maker):
+  fake = maker(tmp_path / "data", num_classes=3, per_class=4)
+  cfg = module.get_config("runlocal")
+  with cfg.unlocked():
+    cfg.data.data_dir = fake.data_dir
+    cfg.total_steps = 1
+    cfg.eval_every_steps = 1
+  result = trainer.train_and_evaluate(cfg, str(tmp_path / "w"))
+  test = result["test"]
+  assert test["num_examples"] == len(fake.splits["test"])
+  assert "combined_top1" in test and np.isfinite(test["top1"])
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+  def cfg():
+    c = pmg_resnet50_cub.get_config("runlocal")
+    c.data.name, c.data.data_dir = "synthetic", None
+    c.data.source_kwargs = dict(num_classes=3, num_examples=24, image_size=72)
+    c.total_steps, c.checkpoint_every_steps, c.eval_every_steps = 3, 3, 3
+    return c
+
+  trainer.train_and_evaluate(cfg(), str(tmp_path / "a"))
+  orig = logs.ProgressBar.update
+
+  def update(self, step, info="", force=False):
+    if step == 2 and not getattr(self, "_sent", False):
+      self._sent = True
+      os.kill(os.getpid(), signal.SIGTERM)
+    return orig(self, step, info, force)
+
+  monkeypatch.setattr(logs.ProgressBar, "update", update)
+  assert trainer.train_and_evaluate(cfg(), str(tmp_path / "b")) == {"stopped_at": 2}
+  monkeypatch.setattr(logs.ProgressBar, "update", orig)
+  trainer.train_and_evaluate(cfg(), str(tmp_path / "b"))
+  _, _, _, va, ia = trainer.restore_model(str(tmp_path / "a"), prefer="last")
+  _, _, _, vb, ib = trainer.restore_model(str(tmp_path / "b"), prefer="last")
+  assert ia["step"] == ib["step"] == 3
+  for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb)):  # params and batch_stats
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
