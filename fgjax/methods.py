@@ -13,7 +13,9 @@ the rest: sharding, optimizer, checkpoints, evaluation loop.
 - `pmg`: PMG's progressive training (spec section 5): each batch is used S + 1 times, in order
   jigsaw 8 -> CE(y^3), jigsaw 4 -> CE(y^4), jigsaw 2 -> CE(y^5), original -> 2 CE(y^concat),
   each its own forward, backward and optimizer update (`stage_losses`; the trainer runs them in
-  sequence inside one jitted step, BatchNorm statistics updated by each). Evaluation reports
+  sequence inside one jitted step, BatchNorm statistics updated by each). Parameters a loss does
+  not use get a zero gradient in that update (momentum and weight decay still apply to them, as
+  with the reference's zeroed gradients). Evaluation reports
   the concat head (`top1`) and the sum of the four (`combined_top1`).
 - `transfg`: TransFG (spec section 3): CE(part-layer cls logits, y) (optional label smoothing)
   + L_con(z_cls) on the final cls token with margin `config.transfg.margin` (0.4), weight 1.

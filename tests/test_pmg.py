@@ -140,3 +140,25 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
   assert ia["step"] == ib["step"] == 3
   for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb)):  # params and batch_stats
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+def test_init_from_loads_a_timm_resnet_into_the_backbone(tmp_path):
+  timm = pytest.importorskip("timm")
+  from safetensors.numpy import save_file
+  torch.manual_seed(0)
+  ref = timm.create_model("resnet18", pretrained=False, num_classes=1000)
+  sd = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
+  sd["bn1.running_var"] = sd["bn1.running_var"] + 0.5  # recognisable statistics
+  save_file(sd, str(tmp_path / "r18.safetensors"))
+  cfg, model, method = _pmg_method()
+  cfg.init_from = str(tmp_path / "r18.safetensors")
+  params_shape = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"])
+  tx, _ = optim.make_optimizer(cfg.optim, params_shape, 10)
+  state = trainer.create_train_state(cfg, model, method, tx, trainer.make_mesh(cfg),
+                                     jax.random.key(0), (1, 64, 64, 3))
+  np.testing.assert_allclose(
+      np.asarray(state["params"]["backbone"]["layer3_1"]["conv2"]["kernel"]),
+      sd["layer3.1.conv2.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_allclose(np.asarray(state["batch_stats"]["backbone"]["bn1"]["var"]),
+                             sd["bn1.running_var"])
