@@ -49,9 +49,12 @@ class Method:
 
   def apply_train(self, params, extra_vars, images, rng, **kw):
     variables = {"params": params, **(extra_vars or {})}
-    if self.mutable:
+    # Collections the model keeps besides params (BatchNorm's batch_stats) are updated in
+    # train mode, whatever the method.
+    mutable = tuple(self.mutable) or tuple(extra_vars or ())
+    if mutable:
       (logits, aux), new_vars = self.model.apply(
-          variables, images, train=True, rngs={"dropout": rng}, mutable=list(self.mutable), **kw)
+          variables, images, train=True, rngs={"dropout": rng}, mutable=list(mutable), **kw)
       return logits, aux, dict(new_vars)
     logits, aux = self.model.apply(variables, images, train=True, rngs={"dropout": rng}, **kw)
     return logits, aux, extra_vars

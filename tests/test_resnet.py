@@ -79,3 +79,35 @@ def test_load_checkpoint_and_convert_cli_carry_batch_stats(tmp_path):
   again = convert.load_checkpoint(str(out), "resnet18", 64, num_classes=5, with_collections=True)
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(again)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_batchnorm_step_on_8_devices_equals_one_device():
+  """Under jit over the data mesh BatchNorm uses the global batch's statistics."""
+  from configs import common
+  from fgjax import methods
+  from fgjax.train import optim, trainer
+  assert jax.device_count() == 8
+  cfg = common.base_config()
+  cfg.model.name, cfg.model.img_size = "resnet18", 32
+  cfg.optim.warmup_steps = 1
+  cfg.optim.name, cfg.optim.lr = "sgd", 0.1  # Adam would amplify round-off of ~0 gradients
+  model = models.create("resnet18", 4, 32)
+  method = methods.get_method(cfg, model, 4)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+           "label": rng.integers(0, 4, 8).astype(np.int32)}
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = trainer.make_mesh(cfg, devices=devices)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), batch["image"])["params"])
+    tx, schedules = optim.make_optimizer(cfg.optim, shapes, 10)
+    state = trainer.create_train_state(cfg, model, method, tx, mesh, jax.random.key(0),
+                                       (1, 32, 32, 3))
+    step = jax.jit(trainer.make_train_step(cfg, method, tx, schedules, jax.random.key(1), None))
+    from fgjax import data as fgdata
+    gbatch = fgdata.to_global_batch(batch, mesh)
+    for _ in range(2):
+      state, _ = step(state, gbatch, None)
+    results.append(jax.device_get({"p": state["params"], "b": state["batch_stats"]}))
+  for x, y in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-4)
