@@ -54,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema_decay = 0.0
   c.trs = ml_collections.ConfigDict(dict(alpha=0.5, beta=0.4, contrastive=True))
   c.transfg = ml_collections.ConfigDict(dict(margin=0.4, contrastive=True))
+  c.cal = ml_collections.ConfigDict(dict(center_beta=5e-2, crop_theta=(0.4, 0.6),
+                                         drop_theta=(0.2, 0.5), crop_padding=0.1))
   c.teacher = ml_collections.ConfigDict(dict(checkpoint="", predictions="",
                                              train_first=None))
   c.log_every_steps = 50

@@ -17,6 +17,15 @@ the rest: sharding, optimizer, checkpoints, evaluation loop.
   not use get a zero gradient in that update (momentum and weight decay still apply to them, as
   with the reference's zeroed gradients). Evaluation reports
   the concat head (`top1`) and the sum of the four (`combined_top1`).
+- `cal`: CAL (spec section 4; raoyongming/CAL `train_distributed.py`): per image, two of the
+  M attention maps drawn with probabilities proportional to sqrt(map sum) make an attention
+  crop (threshold U(0.4, 0.6) of the map's maximum, padding 10%, resized back) and an
+  attention drop (threshold U(0.2, 0.5)); the crops and drops go through the model as a second
+  batch (BatchNorm statistics updated by both passes), and
+      L = CE(y_raw)/3 + CE([effect_raw, effect_aug]) + 2/3 CE(y_aug) + centre loss,
+  centre loss = sum ||f - normalise(c_y)||^2 / B; then c_y += beta (f - normalise(c_y)) with
+  beta = `config.cal.center_beta` (5e-2). Evaluation: `top1` = the model's multi-view logits
+  (raw + attention crop), also `raw_top1` and `effect_top1`.
 - `transfg`: TransFG (spec section 3): CE(part-layer cls logits, y) (optional label smoothing)
   + L_con(z_cls) on the final cls token with margin `config.transfg.margin` (0.4), weight 1.
 """
@@ -230,8 +239,80 @@ class PMG(Method):
     return {"logits": aux["concat_logits"], "combined": aux["combined_logits"]}
 
 
+class CAL(Method):
+  """CAL's four-term objective with attention crop/drop augmentation; see the module
+  docstring."""
+  name = "cal"
+
+  def __init__(self, config, model, num_classes):
+    super().__init__(config, model, num_classes)
+    if not hasattr(model, "num_attentions"):
+      raise ValueError(f"config.method='cal' needs a CAL model (cal_resnet50, cal_resnet101, "
+                       f"...); got config.model.name={config.model.name!r}")
+    ccfg = config.get("cal", {}) or {}
+    self.center_beta = float(ccfg.get("center_beta", 5e-2))
+    self.crop_theta = tuple(float(t) for t in ccfg.get("crop_theta", (0.4, 0.6)))
+    self.drop_theta = tuple(float(t) for t in ccfg.get("drop_theta", (0.2, 0.5)))
+    self.crop_padding = float(ccfg.get("crop_padding", 0.1))
+    for key, t in (("crop_theta", self.crop_theta), ("drop_theta", self.drop_theta)):
+      if len(t) != 2 or not 0.0 <= t[0] <= t[1] <= 1.0:
+        raise ValueError(f"config.cal.{key} must be (low, high) with 0 <= low <= high <= 1, "
+                         f"got {t}")
+
+  def augment(self, images, attention_maps, rng):
+    """The reference's crop + drop views: returns (crops, drops, crop boxes, drop keep mask)."""
+    from fgjax.models import cal as cal_lib
+    att = jax.lax.stop_gradient(attention_maps)
+    B = att.shape[0]
+    r_pick, r_crop, r_drop = jax.random.split(rng, 3)
+    weights = jnp.sqrt(att.sum(axis=(1, 2)) + cal_lib.EPSILON)  # (B, M)
+    probs = weights / weights.sum(-1, keepdims=True)
+    k = jax.random.categorical(r_pick, jnp.log(probs), axis=-1, shape=(2, B)).T  # (B, 2)
+    chosen = jnp.take_along_axis(att, k[:, None, None, :], axis=-1)  # (B, h, w, 2)
+    theta_c = jax.random.uniform(r_crop, (B,), minval=self.crop_theta[0],
+                                 maxval=self.crop_theta[1])
+    theta_d = jax.random.uniform(r_drop, (B,), minval=self.drop_theta[0],
+                                 maxval=self.drop_theta[1])
+    images = jax.lax.stop_gradient(images)
+    crops, boxes = cal_lib.attention_crop(images, chosen[..., 0], theta_c, self.crop_padding)
+    drops, keep = cal_lib.attention_drop(images, chosen[..., 1], theta_d)
+    return crops, drops, boxes, keep
+
+  def loss(self, params, extra_vars, batch, rng, teacher_labels=None):
+    r_raw, r_aug, r_views = jax.random.split(rng, 3)
+    x, y = batch["image"], batch["label"]
+    logits, aux, new_vars = self.apply_train(params, extra_vars, x, r_raw)
+    crops, drops, _, _ = self.augment(x, aux["attention_maps"], r_views)
+    y2 = jnp.concatenate([y, y])
+    logits_aug, aux_aug, new_vars = self.apply_train(
+        params, new_vars, jnp.concatenate([crops, drops]), r_aug)
+    ls = self.label_smoothing
+    ce_raw = losses.cross_entropy(logits, y, ls)
+    ce_effect = losses.cross_entropy(
+        jnp.concatenate([aux["effect_logits"], aux_aug["effect_logits"]]),
+        jnp.concatenate([y, y2]), ls)
+    ce_aug = losses.cross_entropy(logits_aug, y2, ls)
+    centers = extra_vars["centers"]["feature_center"]
+    f = aux["features"]
+    c_y = centers[y]
+    c_y = c_y / jnp.maximum(jnp.linalg.norm(c_y, axis=-1, keepdims=True), 1e-12)
+    center = jnp.sum((f - c_y) ** 2) / f.shape[0]
+    loss = ce_raw / 3.0 + ce_effect + ce_aug * 2.0 / 3.0 + center
+    new_vars = dict(new_vars)
+    new_vars["centers"] = {"feature_center": centers.at[y].add(
+        self.center_beta * (jax.lax.stop_gradient(f) - c_y))}
+    metrics = {"loss": loss, "ce_raw": ce_raw, "ce_effect": ce_effect, "ce_aug": ce_aug,
+               "center": center, "accuracy": (jnp.argmax(logits, -1) == y).mean(),
+               "aug_accuracy": (jnp.argmax(logits_aug, -1) == y2).mean()}
+    return loss, (metrics, new_vars)
+
+  def eval_outputs(self, variables, batch, need_selection: bool = False) -> dict:
+    logits, aux = self.model.apply(variables, batch["image"], train=False)
+    return {"logits": logits, "raw": aux["raw_logits"], "effect": aux["effect_logits"]}
+
+
 METHODS: dict[str, type[Method]] = {"classifier": Classifier, "trs_deit": TRSDeiT,
-                                    "transfg": TransFG, "pmg": PMG}
+                                    "transfg": TransFG, "pmg": PMG, "cal": CAL}
 
 
 def get_method(config, model, num_classes) -> Method:

@@ -515,3 +515,16 @@ def make_fake_tfds(data_dir, name: str = "fake_fg_birds", num_classes: int = 3,
     ds = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
     splits[split] = [(k, int(ds[k]["label"]), "") for k in range(len(ds))]
   return FakeDataset(f"tfds:{name}", os.fspath(data_dir), os.fspath(data_dir), names, splits)
+
+
+def train_quick_config(module, maker, tmp_path, steps: int = 1):
+  """Trains `module.get_config("runlocal")` for `steps` steps on a fake dataset made by
+  `maker` (3 classes, 4 images each) in tmp_path/"w". Returns (fake dataset, final metrics)."""
+  from fgjax.train import trainer
+  fake = maker(tmp_path / "data", num_classes=3, per_class=4)
+  cfg = module.get_config("runlocal")
+  with cfg.unlocked():
+    cfg.data.data_dir = fake.data_dir
+    cfg.total_steps = steps
+    cfg.eval_every_steps = steps
+  return fake, trainer.train_and_evaluate(cfg, str(tmp_path / "w"))

@@ -102,13 +102,7 @@ def test_bad_image_size_for_the_jigsaw_is_a_config_error():
     (pmg_resnet50_cub, fx.make_fake_cub), (pmg_resnet50_cars, fx.make_fake_cars),
     (pmg_resnet50_aircraft, fx.make_fake_aircraft), (pmg_deit_cub, fx.make_fake_cub)])
 def test_quick_configs_train_one_step_on_fake_data(tmp_path, module, maker):
-  fake = maker(tmp_path / "data", num_classes=3, per_class=4)
-  cfg = module.get_config("runlocal")
-  with cfg.unlocked():
-    cfg.data.data_dir = fake.data_dir
-    cfg.total_steps = 1
-    cfg.eval_every_steps = 1
-  result = trainer.train_and_evaluate(cfg, str(tmp_path / "w"))
+  fake, result = fx.train_quick_config(module, maker, tmp_path)
   test = result["test"]
   assert test["num_examples"] == len(fake.splits["test"])
   assert "combined_top1" in test and np.isfinite(test["top1"])

@@ -13,7 +13,7 @@ from typing import Callable
 
 import flax.linen as nn
 
-from fgjax.models import cnn, pmg, resnet, vit
+from fgjax.models import cal, cnn, pmg, resnet, vit
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -117,6 +117,21 @@ for _depth in (18, 50, 101):
   register(f"pmg_resnet{_depth}")(_pmg_resnet_factory(_depth))
 for _size in ("tiny", "small", "base"):
   register(f"pmg_deit_{_size}")(_pmg_deit_factory(_size))
+
+
+def _cal_resnet_factory(depth: int):
+  """CAL (WS-DAN + counterfactual attention, spec section 4) on a ResNet's layer4."""
+  def make(num_classes: int, img_size=448, dtype=None, widths=None, **kw):
+    dt = {} if dtype is None else {"dtype": dtype}
+    rk = {} if widths is None else {"widths": tuple(widths)}
+    backbone = resnet.ResNet(num_classes=0, depth=depth, img_size=img_size, **rk, **dt)
+    return cal.CAL(num_classes=num_classes, backbone=backbone,
+                   feature_dim=resnet.feature_dim(depth, rk.get("widths")), **dt, **kw)
+  return make
+
+
+for _depth in (18, 34, 50, 101):
+  register(f"cal_resnet{_depth}")(_cal_resnet_factory(_depth))
 
 
 @register("cnn_small")

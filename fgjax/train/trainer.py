@@ -328,7 +328,11 @@ def restore_model(workdir: str, prefer: str = "best", mesh=None, num_classes=Non
   params_shape = jax.eval_shape(
       lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, img, img, 3)),
                          train=False)["params"])
-  tx, _ = optim.make_optimizer(config.optim, params_shape, total_steps=1)
+  # The optimizer only gives the state's structure here (epoch-based schedule keys are not
+  # resolved to steps outside training).
+  ocfg = ml_collections.ConfigDict(config.optim.to_dict())
+  ocfg.schedule = "constant"
+  tx, _ = optim.make_optimizer(ocfg, params_shape, total_steps=1)
   abstract = abstract_train_state(config, model, method, tx, mesh)
   state, step, which = ckpt_lib.restore_params_from_workdir(workdir, abstract, prefer)
   info = {"step": int(step), "checkpoint": which, "workdir": workdir}
