@@ -156,3 +156,20 @@ def test_init_from_loads_a_timm_resnet_into_the_backbone(tmp_path):
       sd["layer3.1.conv2.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_allclose(np.asarray(state["batch_stats"]["backbone"]["bn1"]["var"]),
                              sd["bn1.running_var"])
+
+
+def test_synthetic_evidence_config_trains_pmg_on_the_small_cnn(tmp_path):
+  """configs/pmg_synthetic.py (README, PMG evidence): PMG heads on cnn_small's last three
+  stages, and the plain cnn_small baseline, one step each on a few synthetic images."""
+  from configs import pmg_synthetic
+  for arg, key in (("steps=1", "combined_top1"), ("ce=True,pool=max,steps=1", "top1")):
+    cfg = pmg_synthetic.get_config(arg)
+    cfg.data.split_kwargs = {"train": dict(num_examples=16), "test": dict(num_examples=8)}
+    cfg.batch_size = cfg.eval_batch_size = 8
+    result = trainer.train_and_evaluate(cfg, str(tmp_path / arg))
+    assert result["test"]["num_examples"] == 8 and key in result["test"]
+  model = models.create("pmg_cnn_small", 20, 96, feature_size=64, stage_features=128)
+  v = model.init(jax.random.key(0), jnp.zeros((1, 96, 96, 3)))
+  assert "head" not in v["params"]["backbone"]  # a feature extractor
+  _, aux = model.apply(v, jnp.zeros((2, 96, 96, 3)))
+  assert [y.shape for y in aux["stage_logits"]] == [(2, 20)] * 3

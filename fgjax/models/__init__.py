@@ -115,6 +115,16 @@ def _pmg_deit_factory(variant: str):
 
 for _depth in (18, 50, 101):
   register(f"pmg_resnet{_depth}")(_pmg_resnet_factory(_depth))
+
+
+@register("pmg_cnn_small")
+def _pmg_cnn_small(num_classes: int, img_size=64, dtype=None, widths=(16, 32, 64, 128),
+                   convs_per_stage=1, stem_stride=2, **kw):
+  """PMG heads on the last three stages of `cnn_small` (CPU-sized PMG evidence)."""
+  dt = {} if dtype is None else {"dtype": dtype}
+  backbone = cnn.SmallCNN(num_classes=0, img_size=img_size, widths=tuple(widths),
+                          convs_per_stage=convs_per_stage, stem_stride=stem_stride, **dt)
+  return pmg.PMG(num_classes=num_classes, backbone=backbone, **dt, **kw)
 for _size in ("tiny", "small", "base"):
   register(f"pmg_deit_{_size}")(_pmg_deit_factory(_size))
 

@@ -3,7 +3,8 @@
 Used as the demo's teacher: a convolutional teacher gives the student the CNN inductive bias
 that DeiT's hard distillation is meant to transfer (Touvron et al. 2021, section 5.1).
 `__call__(images, train=False)` returns `(logits, aux)` with aux["pre_logits"] (pooled
-features) and aux["stages"] (the feature map after each stage).
+features) and aux["stages"] (the feature map after each stage); with num_classes=0 it is a
+feature extractor (`pmg_cnn_small`: PMG heads on its last three stages).
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ class SmallCNN(nn.Module):
     # Max pooling keeps a small part's evidence that averaging dilutes over the whole map.
     feat = x.max(axis=(1, 2)) if self.pool == "max" else x.mean(axis=(1, 2))
     feat = nn.Dropout(self.drop_rate)(feat, deterministic=not train)
+    if self.num_classes == 0:  # a feature extractor (PMG heads): no classifier
+      return feat, {"pre_logits": feat, "stages": stages}
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                       kernel_init=nn.initializers.zeros if self.head_zeroinit else
                       nn.initializers.lecun_normal(), name="head")(feat)
