@@ -11,6 +11,16 @@ A train step = forward in train mode + loss + backward + AdamW update (lr 1e-4, 
                           (TransFG's Part_Attention) on the timm model's blocks, attention
                           probabilities computed explicitly.
   trs_b448                TRS-DeiT-B/16 at 448 (the paper's model; for a GPU).
+  transfg_ti220, transfg_b448
+                          TransFG (ViT, overlapping 16 px patches with stride 12) with its loss
+                          (CE on the part layer's cls + contrastive loss); the reference runs
+                          timm's ViT blocks on stride-12 patches and selects parts from the cls
+                          row of the full T x T rollout product (TransFG's Part_Attention).
+  pmg_r18_224, pmg_r50_448
+                          PMG on a ResNet: one step = 4 updates (jigsaw 8, 4, 2 on the stage
+                          heads, then the original image with 2 x CE on the concat head); the
+                          reference: timm ResNet stages + the PMG heads in torch, 4 backward
+                          passes and optimizer steps.
 
 Reported: ms per step (median of `--iters` after `--warmup`), images/s, ratio = reference time /
 fgjax time (> 1: fgjax faster), the compiled step's FLOPs (XLA cost analysis) and the achieved
@@ -36,17 +46,23 @@ if str(_ROOT) not in sys.path:
 
 from benchmarks import common  # noqa: E402
 
-MODELS = {  # key: (label, fgjax name, timm name, img, trs?, cpu batch, gpu batch)
+MODELS = {  # key: (label, fgjax name, timm name, img, kind, cpu batch, gpu batch)
     "deit_ti224": ("DeiT-Ti/16", "deit_tiny_distilled_patch16",
-                   "deit_tiny_distilled_patch16_224", 224, False, 16, 256),
+                   "deit_tiny_distilled_patch16_224", 224, "deit", 16, 256),
     "deit_s224": ("DeiT-S/16", "deit_small_distilled_patch16",
-                  "deit_small_distilled_patch16_224", 224, False, 8, 128),
+                  "deit_small_distilled_patch16_224", 224, "deit", 8, 128),
     "trs_ti224": ("TRS-DeiT-Ti/16", "trs_deit_tiny_patch16",
-                  "deit_tiny_distilled_patch16_224", 224, True, 16, 256),
+                  "deit_tiny_distilled_patch16_224", 224, "trs", 16, 256),
     "trs_s224": ("TRS-DeiT-S/16", "trs_deit_small_patch16",
-                 "deit_small_distilled_patch16_224", 224, True, 8, 128),
+                 "deit_small_distilled_patch16_224", 224, "trs", 8, 128),
     "trs_b448": ("TRS-DeiT-B/16", "trs_deit_base_patch16",
-                 "deit_base_distilled_patch16_224", 448, True, 1, 32),
+                 "deit_base_distilled_patch16_224", 448, "trs", 1, 32),
+    "transfg_ti220": ("TransFG-Ti/16", "transfg_tiny_patch16", "vit_tiny_patch16_224", 220,
+                      "transfg", 4, 128),
+    "transfg_b448": ("TransFG-B/16", "transfg_base_patch16", "vit_base_patch16_224", 448,
+                     "transfg", 1, 16),
+    "pmg_r18_224": ("PMG-ResNet18", "pmg_resnet18", "resnet18", 224, "pmg", 8, 128),
+    "pmg_r50_448": ("PMG-ResNet50", "pmg_resnet50", "resnet50", 448, "pmg", 1, 32),
 }
 PEAK_TFLOPS = {"H100": {"bfloat16": 989.0, "float32": 67.0},
                "H200": {"bfloat16": 989.0, "float32": 67.0},
@@ -78,47 +94,67 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------ fgjax
 
 
-def bench_fgjax(key, images, labels, args):
+def make_fgjax_step(name: str, kind: str, img: int, dtype, model_kwargs=None):
+  """(model, optimizer, step): step(params, opt, extra vars, batch, rng) -> (params, opt, extra
+  vars, loss) runs one training step of `kind` ("deit": CE on the logits; "trs", "transfg",
+  "pmg", "cal": the method's own loss, PMG's S + 1 updates in sequence as in the trainer) with
+  AdamW (lr 1e-4, wd 0.05)."""
   import jax
-  import jax.numpy as jnp
   import optax
   from configs import common as cfgs
   from fgjax import losses, methods, models
 
-  label, name, _, img, trs, _, _ = MODELS[key]
-  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  model = models.create(name, NUM_CLASSES, img, dtype=dtype)
-  x, y = jax.device_put(images), jax.device_put(labels)
-  params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
+  model = models.create(name, NUM_CLASSES, img, dtype=dtype, **(model_kwargs or {}))
   tx = optax.adamw(1e-4, weight_decay=0.05)
-  opt = jax.jit(tx.init)(params)
-  if trs:
-    cfg = cfgs.base_config()
-    cfg.method, cfg.model.name = "trs_deit", name
-    method = methods.get_method(cfg, model, NUM_CLASSES)
-
-    def loss_fn(p, rng):
-      return method.loss(p, {}, {"image": x, "label": y}, rng)[0]
+  if kind == "deit":
+    def ce(p, e, b, r):
+      logits, _ = model.apply({"params": p}, b["image"], train=True, rngs={"dropout": r})
+      return losses.cross_entropy(logits, b["label"]), ({}, e)
+    loss_fns = [ce]
   else:
-    def loss_fn(p, rng):
-      logits, _ = model.apply({"params": p}, x, train=True, rngs={"dropout": rng})
-      return losses.cross_entropy(logits, y)
+    cfg = cfgs.base_config()
+    cfg.method = {"trs": "trs_deit"}.get(kind, kind)
+    cfg.model.name, cfg.model.img_size = name, img
+    method = methods.get_method(cfg, model, NUM_CLASSES)
+    loss_fns = method.stage_losses() if hasattr(method, "stage_losses") else [
+        lambda p, e, b, r: method.loss(p, e, b, r)]
 
-  def step(p, o, rng):
-    loss, g = jax.value_and_grad(loss_fn)(p, rng)
-    u, o = tx.update(g, o, p)
-    return optax.apply_updates(p, u), o, loss
+  def step(p, o, extra, batch, rng):
+    loss = 0.0
+    for k, fn in enumerate(loss_fns):
+      (l, (_, extra)), g = jax.value_and_grad(fn, has_aux=True)(
+          p, extra, batch, jax.random.fold_in(rng, k))
+      u, o = tx.update(g, o, p)
+      p = optax.apply_updates(p, u)
+      loss = loss + l
+    return p, o, extra, loss
 
-  jitted = jax.jit(step, donate_argnums=(0, 1))
+  return model, tx, step
+
+
+def bench_fgjax(key, images, labels, args):
+  import jax
+  import jax.numpy as jnp
+
+  label, name, _, img, kind, _, _ = MODELS[key]
+  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  model, tx, step = make_fgjax_step(name, kind, img, dtype)
+  batch = {"image": jax.device_put(images), "label": jax.device_put(labels)}
+  variables = dict(jax.jit(model.init)(jax.random.key(0), batch["image"][:1]))
+  params = variables.pop("params")  # the rest: BatchNorm statistics (PMG)
+  opt = jax.jit(tx.init)(params)
+  jitted = jax.jit(step, donate_argnums=(0, 1, 2))
   rng = jax.random.key(1)
-  compiled, compile_s = common.stopwatch(lambda: jitted.lower(params, opt, rng).compile())
+  compiled, compile_s = common.stopwatch(
+      lambda: jitted.lower(params, opt, variables, batch, rng).compile())
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float((cost or {}).get("flops", 0.0)) or None
-  state = {"p": params, "o": opt}
+  state = {"p": params, "o": opt, "e": variables}
 
   def run():
-    state["p"], state["o"], loss = compiled(state["p"], state["o"], rng)
+    state["p"], state["o"], state["e"], loss = compiled(state["p"], state["o"], state["e"],
+                                                        batch, rng)
     return loss
 
   timing = common.time_fn(run, warmup=args.warmup, iters=args.iters, sync=jax.block_until_ready)
@@ -128,22 +164,28 @@ def bench_fgjax(key, images, labels, args):
 # ------------------------------------------------------------------------------------ torch
 
 
-def _torch_trs_forward(model, x, torch):
-  """TRS-DeiT on timm's DeiT blocks with the full-matrix rollout (the reference's way)."""
-  b = x.shape[0]
-  h = model.patch_embed(x)
-  h = model._pos_embed(h)
+def _torch_blocks_with_probs(blocks, h):
+  """timm ViT blocks with the attention probabilities computed explicitly and kept (detached)
+  for the selection; returns (tokens, [probs per block])."""
+  b, t, _ = h.shape
   attn_maps = []
-  for blk in model.blocks[:-1]:
+  for blk in blocks:
     a = blk.attn
     y = blk.norm1(h)
-    qkv = a.qkv(y).reshape(b, y.shape[1], 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
+    qkv = a.qkv(y).reshape(b, t, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     probs = ((q * a.scale) @ k.transpose(-2, -1)).softmax(-1)
     attn_maps.append(probs.detach())
-    out = (probs @ v).transpose(1, 2).reshape(b, y.shape[1], -1)
+    out = (probs @ v).transpose(1, 2).reshape(b, t, -1)
     h = h + blk.ls1(a.proj(out))
     h = h + blk.ls2(blk.mlp(blk.norm2(h)))
+  return h, attn_maps
+
+
+def _torch_trs_forward(model, x, torch):
+  """TRS-DeiT on timm's DeiT blocks with the full-matrix rollout (the reference's way)."""
+  h = model._pos_embed(model.patch_embed(x))
+  h, attn_maps = _torch_blocks_with_probs(model.blocks[:-1], h)
   with torch.no_grad():
     r = attn_maps[0]
     for m in attn_maps[1:]:
@@ -154,6 +196,61 @@ def _torch_trs_forward(model, x, torch):
   h = torch.cat([h[:, :2], picked], 1)
   h = model.norm(model.blocks[-1](h))
   return model.head(h[:, 0]), model.head_dist(h[:, 1]), h[:, 0], h[:, 1]
+
+
+def _torch_transfg_forward(model, patch_proj, pos_embed, x, torch):
+  """TransFG on timm's ViT blocks: stride-12 patches, parts from the cls row of the full
+  rollout product (TACJu/TransFG `Part_Attention`), part layer on [cls, parts]."""
+  h = patch_proj(x).flatten(2).transpose(1, 2)
+  h = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), h], 1) + pos_embed
+  h, attn_maps = _torch_blocks_with_probs(model.blocks[:-1], h)
+  with torch.no_grad():
+    r = attn_maps[0]
+    for m in attn_maps[1:]:
+      r = m @ r
+    idx = r[:, :, 0, 1:].argmax(-1) + 1
+  picked = torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))
+  h = model.norm(model.blocks[-1](torch.cat([h[:, :1], picked], 1)))
+  return model.head(h[:, 0]), h[:, 0]
+
+
+def _torch_pmg_parts(timm_name, num_classes, torch, dev):
+  """The PMG model in torch (PRIS-CV PMG `model.py`: conv blocks, global max pooling, BN /
+  Linear / BN / ELU / Linear classifiers) on timm ResNet stages 2-4."""
+  import timm
+  nn = torch.nn
+  backbone = timm.create_model(timm_name, pretrained=False, features_only=True,
+                               out_indices=(2, 3, 4))
+  chans = backbone.feature_info.channels()
+
+  def conv_block(cin):
+    return nn.Sequential(nn.Conv2d(cin, 512, 1, bias=False), nn.BatchNorm2d(512, momentum=0.01),
+                         nn.ReLU(), nn.Conv2d(512, 1024, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(1024, momentum=0.01), nn.ReLU())
+
+  def classifier(cin):
+    return nn.Sequential(nn.BatchNorm1d(cin), nn.Linear(cin, 512), nn.BatchNorm1d(512),
+                         nn.ELU(inplace=True), nn.Linear(512, num_classes))
+
+  mods = nn.ModuleDict({"backbone": backbone,
+                        "blocks": nn.ModuleList([conv_block(c) for c in chans]),
+                        "heads": nn.ModuleList([classifier(1024) for _ in chans]),
+                        "concat": classifier(3072)}).to(dev).train()
+
+  def forward(x):
+    pooled = [blk(f).amax(dim=(2, 3)) for blk, f in zip(mods["blocks"], mods["backbone"](x))]
+    return [hd(v) for hd, v in zip(mods["heads"], pooled)], mods["concat"](torch.cat(pooled, 1))
+  return mods, forward
+
+
+def _torch_jigsaw(x, n, torch):
+  """A random permutation of the n x n cells of each image."""
+  b, c, hgt, wid = x.shape
+  ch, cw = hgt // n, wid // n
+  cells = x.reshape(b, c, n, ch, n, cw).permute(0, 2, 4, 1, 3, 5).reshape(b, n * n, c, ch, cw)
+  perm = torch.argsort(torch.rand(b, n * n, device=x.device), dim=1)
+  cells = torch.gather(cells, 1, perm[:, :, None, None, None].expand_as(cells))
+  return cells.reshape(b, n, n, c, ch, cw).permute(0, 3, 1, 4, 2, 5).reshape(b, c, hgt, wid)
 
 
 def _torch_con_loss(z, y, torch, margin=0.4):
@@ -170,34 +267,56 @@ def bench_torch(key, images_nchw, labels, args, device):
   import torch
   import torch.nn.functional as F
 
-  _, _, timm_name, img, trs, _, _ = MODELS[key]
+  _, _, timm_name, img, kind, _, _ = MODELS[key]
   torch.manual_seed(0)
   dev = torch.device(device)
-  model = timm.create_model(timm_name, pretrained=False, img_size=img,
-                            num_classes=NUM_CLASSES).to(dev).train()
   x = torch.from_numpy(images_nchw).to(dev)
   y = torch.from_numpy(labels).long().to(dev)
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+  if kind == "pmg":
+    model, pmg_forward = _torch_pmg_parts(timm_name, NUM_CLASSES, torch, dev)
+  else:
+    model = timm.create_model(timm_name, pretrained=False, img_size=img,
+                              num_classes=NUM_CLASSES).to(dev).train()
+  if kind == "transfg":
+    width = model.embed_dim
+    patch_proj = torch.nn.Conv2d(3, width, 16, stride=12).to(dev)
+    grid = (img - 16) // 12 + 1
+    pos_embed = torch.nn.Parameter(torch.zeros(1, grid * grid + 1, width, device=dev))
+    model.patch_embed = None  # replaced by the stride-12 projection
+    params = list(model.parameters()) + list(patch_proj.parameters()) + [pos_embed]
+  else:
+    params = list(model.parameters())
+  opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
   amp = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
          if args.dtype == "bfloat16" else contextlib.nullcontext())
 
-  def loss_fn():
-    if trs:
+  def loss_fn(jigsaw_n=0):
+    if kind == "trs":
       cls, dist, zc, zd = _torch_trs_forward(model, x, torch)
       return (0.5 * F.cross_entropy(cls, y) + 0.5 * F.cross_entropy(dist, y)
               + 0.5 * _torch_con_loss(zc, y, torch) + 0.5 * _torch_con_loss(zd, y, torch))
+    if kind == "transfg":
+      logits, z = _torch_transfg_forward(model, patch_proj, pos_embed, x, torch)
+      return F.cross_entropy(logits, y) + _torch_con_loss(z, y, torch)
+    if kind == "pmg":
+      if jigsaw_n:
+        stage = {8: 0, 4: 1, 2: 2}[jigsaw_n]
+        return F.cross_entropy(pmg_forward(_torch_jigsaw(x, jigsaw_n, torch))[0][stage], y)
+      return 2 * F.cross_entropy(pmg_forward(x)[1], y)
     out = model(x)
     logits = (out[0] + out[1]) / 2 if isinstance(out, (tuple, list)) else out
     return F.cross_entropy(logits, y)
 
   fwd = torch.compile(loss_fn) if args.compile else loss_fn
+  updates = (8, 4, 2, 0) if kind == "pmg" else (0,)
 
   def step():
-    opt.zero_grad(set_to_none=True)
-    with amp:
-      loss = fwd()
-    loss.backward()
-    opt.step()
+    for n in updates:  # PMG: one backward pass and optimizer step per granularity
+      opt.zero_grad(set_to_none=True)
+      with amp:
+        loss = fwd(n)
+      loss.backward()
+      opt.step()
     return loss
 
   sync = (lambda _: torch.cuda.synchronize()) if dev.type == "cuda" else None
@@ -243,7 +362,7 @@ def main(argv=None):
   rng = np.random.default_rng(0)
   rows = []
   for key in args.model_keys:
-    label, _, _, img, trs, b_cpu, b_gpu = MODELS[key]
+    label, _, _, img, _, b_cpu, b_gpu = MODELS[key]
     batch = args.batch or (b_gpu if on_gpu else b_cpu)
     images = rng.standard_normal((batch, 3, img, img), dtype=np.float32)
     labels = rng.integers(0, NUM_CLASSES, size=(batch,), dtype=np.int32)

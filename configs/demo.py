@@ -3,6 +3,7 @@ r"""The CPU demo: a small TRS-DeiT on the synthetic fine-grained birds, taught b
   python run.py --config=configs/demo.py                  # ~3 minutes on a 2-core CPU
   python run.py --config=configs/demo.py:trs=False        # the same with region selection off
   python run.py --config=configs/demo.py:runlocal         # a few steps (tests)
+  python run.py --config=configs/demo.py:teacher=cal      # CAL as the teacher (or teacher=none)
 
 One command, two phases in one workdir (default runs/demo):
 1. the teacher (`cnn_small`, a plain CNN) trains on the synthetic train split
@@ -22,7 +23,9 @@ from configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, runlocal=False, trs=True, classes=20)
+  args = common.parse_arg(arg, runlocal=False, trs=True, classes=20, teacher="cnn")
+  if args.teacher not in ("cnn", "cal", "none"):
+    raise ValueError(f"configs/demo.py: teacher must be cnn, cal or none, got {args.teacher!r}")
   c = common.base_config()
   c.seed = 0
   c.method = "trs_deit"
@@ -69,7 +72,14 @@ def get_config(arg=None):
   t.log_every_steps = 25
   t.eval_every_steps = 800
   t.checkpoint_every_steps = 800
-  c.teacher.train_first = t
+  if args.teacher == "cal":
+    # CAL (WS-DAN + counterfactual attention) on the same small CNN, as the paper's teacher.
+    t.method = "cal"
+    t.model.name = "cal_cnn_small"
+    t.model.kwargs = dict(widths=(16, 32, 64, 128), convs_per_stage=1, stem_stride=2,
+                          num_attentions=32)
+  if args.teacher != "none":  # none: the distillation head learns the ground truth
+    c.teacher.train_first = t
 
   if args.runlocal:
     for cfg in (c, t):

@@ -20,15 +20,27 @@ def _script(name, *args, timeout=600):
 
 @pytest.mark.slow
 def test_train_step_benchmark_runs_on_cpu():
-  out = _script("train_step.py", "--models", "trs_ti224", "--batch", "2", "--iters", "1",
-                "--warmup", "1", "--threads", "1")
-  row = [line for line in out.splitlines() if line.startswith("| TRS-DeiT-Ti/16")]
-  assert len(row) == 1
-  cells = [c.strip() for c in row[0].strip("|").split("|")]
-  assert float(cells[3]) > 0 and cells[7].endswith("x") and float(cells[8]) > 0
+  out = _script("train_step.py", "--models", "trs_ti224,transfg_ti220,pmg_r18_224", "--batch",
+                "2", "--iters", "1", "--warmup", "1", "--threads", "1")
+  for label in ("TRS-DeiT-Ti/16", "TransFG-Ti/16", "PMG-ResNet18"):
+    row = [line for line in out.splitlines() if line.startswith(f"| {label} ")]
+    assert len(row) == 1, out
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert float(cells[3]) > 0 and cells[7].endswith("x") and float(cells[8]) > 0
 
 
 def test_input_pipeline_benchmark_runs():
   out = _script("input_pipeline.py", "--batches", "1", "--batch-size", "4", "--images", "8",
                 "--repeats", "1")
   assert out.count("| jpeg 500x375") == 2 and "| synthetic 500 px" in out
+
+
+def test_memory_benchmark_runs():
+  out = _script("memory.py", "--models", "trs_ti224", "--batches", "1,2", "--device-gib", "1")
+  rows = [line for line in out.splitlines() if line.startswith("| TRS-DeiT-Ti/16")]
+  assert len(rows) == 2  # without and with remat
+  plain, remat = ([c.strip() for c in r.strip("|").split("|")] for r in rows)
+  assert plain[2] == "no" and remat[2] == "yes"
+  # (XLA:CPU does not turn remat into a smaller footprint; README, Benchmarks.)
+  for row in (plain, remat):
+    assert float(row[3]) > 0 and float(row[4]) > 0 and int(row[5]) > 0

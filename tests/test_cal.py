@@ -216,3 +216,16 @@ def test_exponential_schedule():
   sched = optim.make_schedule(cfg, 1e-3, 100)
   np.testing.assert_allclose(sched(5), 1e-3 * 0.9 ** 0.5, rtol=1e-5)
   np.testing.assert_allclose(sched(20), 1e-3 * 0.81, rtol=1e-5)
+
+
+def test_demo_with_a_cal_teacher_runs(tmp_path):
+  """configs/demo.py:teacher=cal: CAL on cnn_small trained first, then the TRS-DeiT student
+  distils from it (2 steps each)."""
+  from configs import demo
+  result = trainer.train_and_evaluate(demo.get_config("runlocal,teacher=cal"),
+                                      str(tmp_path / "demo"))
+  assert np.isfinite(result["test"]["top1"])
+  teacher_rows = logs.read_metrics(str(tmp_path / "demo" / "teacher"))
+  assert any("ce_effect" in r for r in teacher_rows if r["split"] == "train")
+  with pytest.raises(ValueError, match="teacher must be cnn, cal or none"):
+    demo.get_config("teacher=vit")

@@ -66,24 +66,30 @@ def test_train_writes_metrics_checkpoints_and_reports(tmp_path):
   assert json.load(open(tmp_path / "final_metrics.json"))["test"]["num_examples"] > 0
 
 
-def test_resume_after_sigterm_equals_uninterrupted(tmp_path, monkeypatch):
-  cfg = lambda: tiny_config(ema_decay=0.9, total_steps=6, checkpoint_every_steps=4)
-  trainer.train_and_evaluate(cfg(), str(tmp_path / "a"))
+def _interrupted_run(cfg, workdir, monkeypatch, at_step: int):
+  """Runs cfg in workdir, sends SIGTERM when the progress bar reaches `at_step`, then reruns
+  the same command (which resumes) to the end."""
   orig = logs.ProgressBar.update
 
   def update(self, step, info="", force=False):
-    if step == 3 and not getattr(self, "_sent", False):
+    if step == at_step and not getattr(self, "_sent", False):
       self._sent = True
       os.kill(os.getpid(), signal.SIGTERM)
     return orig(self, step, info, force)
 
   monkeypatch.setattr(logs.ProgressBar, "update", update)
-  out = trainer.train_and_evaluate(cfg(), str(tmp_path / "b"))
-  assert out == {"stopped_at": 3}  # SIGTERM: checkpoint saved, clean return
-  assert os.path.isdir(tmp_path / "b" / "checkpoints" / "3")
+  out = trainer.train_and_evaluate(cfg, str(workdir))
+  assert out == {"stopped_at": at_step}  # SIGTERM: checkpoint saved, clean return
+  assert os.path.isdir(workdir / "checkpoints" / str(at_step))
   monkeypatch.setattr(logs.ProgressBar, "update", orig)
   assert signal.getsignal(signal.SIGTERM) is not None
-  trainer.train_and_evaluate(cfg(), str(tmp_path / "b"))  # resumes at 3
+  trainer.train_and_evaluate(cfg, str(workdir))  # resumes at at_step
+
+
+def test_resume_after_sigterm_equals_uninterrupted(tmp_path, monkeypatch):
+  cfg = lambda: tiny_config(ema_decay=0.9, total_steps=6, checkpoint_every_steps=4)
+  trainer.train_and_evaluate(cfg(), str(tmp_path / "a"))
+  _interrupted_run(cfg(), tmp_path / "b", monkeypatch, at_step=3)
   va, ia = _params(tmp_path / "a")
   vb, ib = _params(tmp_path / "b")
   assert ia["step"] == ib["step"] == 6
@@ -134,7 +140,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(variables))
 
 
-def test_teacher_options(tmp_path, caplog):
+def test_teacher_options(tmp_path, caplog, monkeypatch):
   # 1) a teacher run (plain classifier, CNN)
   tcfg = tiny_config(method="classifier", total_steps=2)
   tcfg.model.name = "cnn_small"
@@ -158,6 +164,15 @@ def test_teacher_options(tmp_path, caplog):
       assert "ground-truth" in text or "ground truth" in text
     else:
       assert "teacher: " in text and "none" not in text.split("teacher: ")[1][:10]
+  # A student distilling from the file, stopped mid-epoch (step 3 of 6 per epoch) and resumed,
+  # ends with the parameters of an uninterrupted run: the teacher labels follow the example ids.
+  cfg = lambda: tiny_config(**{"teacher.predictions": pred_path}, total_steps=5,
+                            checkpoint_every_steps=5)
+  trainer.train_and_evaluate(cfg(), str(tmp_path / "whole"))
+  _interrupted_run(cfg(), tmp_path / "resumed", monkeypatch, at_step=3)
+  va, ia = _params(tmp_path / "whole")
+  vb, ib = _params(tmp_path / "resumed")
+  assert ia["step"] == ib["step"] == 5 and _max_diff(va, vb) <= 1e-6
   # A prediction file that lacks training ids is refused, naming the file.
   np.savez(tmp_path / "bad.npz", ids=ids[:10], logits=logits[:10])
   with pytest.raises(teachers.TeacherError, match="bad.npz lacks 38"):

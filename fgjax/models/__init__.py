@@ -117,13 +117,19 @@ for _depth in (18, 50, 101):
   register(f"pmg_resnet{_depth}")(_pmg_resnet_factory(_depth))
 
 
+def _small_cnn_backbone(img_size, dtype, widths=(16, 32, 64, 128), convs_per_stage=1,
+                        stem_stride=2):
+  """`cnn_small` without its classifier (the demo teacher's layout by default)."""
+  dt = {} if dtype is None else {"dtype": dtype}
+  return cnn.SmallCNN(num_classes=0, img_size=img_size, widths=tuple(widths),
+                      convs_per_stage=convs_per_stage, stem_stride=stem_stride, **dt), dt
+
+
 @register("pmg_cnn_small")
 def _pmg_cnn_small(num_classes: int, img_size=64, dtype=None, widths=(16, 32, 64, 128),
                    convs_per_stage=1, stem_stride=2, **kw):
   """PMG heads on the last three stages of `cnn_small` (CPU-sized PMG evidence)."""
-  dt = {} if dtype is None else {"dtype": dtype}
-  backbone = cnn.SmallCNN(num_classes=0, img_size=img_size, widths=tuple(widths),
-                          convs_per_stage=convs_per_stage, stem_stride=stem_stride, **dt)
+  backbone, dt = _small_cnn_backbone(img_size, dtype, widths, convs_per_stage, stem_stride)
   return pmg.PMG(num_classes=num_classes, backbone=backbone, **dt, **kw)
 for _size in ("tiny", "small", "base"):
   register(f"pmg_deit_{_size}")(_pmg_deit_factory(_size))
@@ -142,6 +148,15 @@ def _cal_resnet_factory(depth: int):
 
 for _depth in (18, 34, 50, 101):
   register(f"cal_resnet{_depth}")(_cal_resnet_factory(_depth))
+
+
+@register("cal_cnn_small")
+def _cal_cnn_small(num_classes: int, img_size=64, dtype=None, widths=(16, 32, 64, 128),
+                   convs_per_stage=1, stem_stride=2, **kw):
+  """CAL on `cnn_small`'s last stage (CPU-sized teacher for the synthetic dataset)."""
+  backbone, dt = _small_cnn_backbone(img_size, dtype, widths, convs_per_stage, stem_stride)
+  return cal.CAL(num_classes=num_classes, backbone=backbone, feature_dim=tuple(widths)[-1],
+                 **dt, **kw)
 
 
 @register("cnn_small")
