@@ -3,8 +3,8 @@
 Recipe (`config_distributed.py`, `train_distributed.py`, `utils.get_transform`): WS-DAN on a
 ResNet-101 (or ResNet-50) from ImageNet weights (`init_from` = a timm/torchvision checkpoint; it
 loads into the backbone), M = 32 attention maps, bilinear attention pooling; train: resize to
-512 x 512 (448 / 0.875) -> random crop 448 -> flip -> ImageNet mean/std (the reference also
-jitters brightness 0.126 and saturation 0.5, which fgjax's pipeline does not have); test:
+512 x 512 (448 / 0.875) -> random crop 448 -> flip -> colour jitter (brightness 0.126,
+saturation 0.5, as torchvision's ColorJitter) -> ImageNet mean/std; test:
 resize 512 x 512 -> centre crop 448, logits averaged over the raw view and the attention crop.
 Loss: CE(raw)/3 + CE(effect) + 2/3 CE(crop and drop views) + centre loss (centre update rate
 beta 5e-2). SGD momentum 0.9, weight decay 1e-5, lr 1e-3 decayed by 0.9 every 2 epochs
@@ -31,7 +31,8 @@ def cal_config(arg, *, dataset: str, data_dir: str, backbone: str = "resnet101",
   c.data.resize_size = 512
   c.data.resize_mode = "square"
   c.data.normalize = "imagenet"
-  c.data.augment = dict(flip=True, sharpness=0.0, randaugment=None, autoaugment=False)
+  c.data.augment = dict(flip=True, sharpness=0.0, randaugment=None, autoaugment=False,
+                        color_jitter=(0.126, 0.0, 0.5))
   c.batch_size = 16
   c.eval_batch_size = 16
   c.total_epochs = epochs

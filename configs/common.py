@@ -40,7 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
       resize_size=256, resize_mode="shorter", interpolation="bilinear", normalize="imagenet",
       worker_count=0, prefetch=2,
       skip_bad_images=False, source_kwargs={}, split_kwargs={},
-      augment=dict(flip=True, sharpness=0.0, randaugment=None, autoaugment=False)))
+      augment=dict(flip=True, sharpness=0.0, randaugment=None, autoaugment=False,
+                   color_jitter=(0.0, 0.0, 0.0))))
   c.batch_size = 64
   c.eval_batch_size = 64
   c.total_steps = None

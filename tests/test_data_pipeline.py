@@ -234,3 +234,32 @@ def test_interpolation_option_and_error():
   assert np.abs(bil["image"] - bic["image"]).mean() < 0.1  # the same crop, other filter
   with pytest.raises(ValueError, match="config.data.interpolation"):
     _train(src, interpolation="lanczos")
+
+
+def test_colour_jitter_is_torchvisions_and_runs_in_the_loader():
+  """color_jitter=(brightness, contrast, saturation) applies torchvision's ColorJitter
+  operations (adjust_brightness / _contrast / _saturation on PIL images) in a random order with
+  factors in [1 - s, 1 + s]; the CAL recipe's (0.126, 0, 0.5) runs through the train loader."""
+  tvf = pytest.importorskip("torchvision.transforms.functional")
+  from PIL import Image
+  from fgjax.data import transforms
+  img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 32, 3), np.uint8))
+  strengths = (0.4, 0.3, 0.5)
+  out = transforms.jitter_colours(img, np.random.default_rng(5), strengths)
+  rng = np.random.default_rng(5)  # the same draws, applied with torchvision
+  ref = img
+  ops = (tvf.adjust_brightness, tvf.adjust_contrast, tvf.adjust_saturation)
+  for i in rng.permutation(3):
+    factor = rng.uniform(1 - strengths[i], 1 + strengths[i])
+    assert 1 - strengths[i] <= factor <= 1 + strengths[i]
+    ref = ops[i](ref, factor)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+  assert transforms.parse_color_jitter({"brightness": 0.126, "saturation": 0.5}) == \
+      (0.126, 0.0, 0.5)
+  with pytest.raises(ValueError, match="hue is not supported"):
+    transforms.parse_color_jitter({"hue": 0.1})
+  src = synthetic.SyntheticSource("train", 4, 8, 48)
+  plain = next(_train(src, batch=4))
+  jittered = next(_train(src, batch=4, color_jitter=(0.126, 0.0, 0.5)))
+  assert jittered["image"].shape == plain["image"].shape
+  assert not np.allclose(jittered["image"], plain["image"])

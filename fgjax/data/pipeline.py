@@ -293,6 +293,7 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
                       interpolation: str = "bilinear", flip: bool = True,
                       sharpness: float = 0.0, sharpness_p: float = 0.5,
                       randaugment: Any = None, autoaugment: Any = False,
+                      color_jitter: Any = None,
                       max_parts: int | None = None, worker_count: int = 0, prefetch: int = 2,
                       threads: int | None = None, shard_index: int | None = None,
                       shard_count: int | None = None) -> Loader:
@@ -301,7 +302,8 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
   Transform: resize (shorter side to `resize_size`, default image_size * 8 / 7; or the whole
   image to resize_size^2 with `resize_mode="square"` / `square_resize=True`; `interpolation`
   "bilinear" or "bicubic") -> random crop `image_size` -> horizontal flip (p=0.5, `flip`) ->
-  sharpness (factor `sharpness`, p = `sharpness_p`; 0 = off) -> AutoAugment ImageNet policy
+  sharpness (factor `sharpness`, p = `sharpness_p`; 0 = off) -> colour jitter (`color_jitter`
+  = (brightness, contrast, saturation) as torchvision's ColorJitter) -> AutoAugment ImageNet policy
   (`autoaugment=True`) -> RandAugment (`randaugment`: N ops at magnitude 9, "N,M",
   "rand-m9-n2" or (N, M)) -> normalise (`normalize`: "imagenet" mean/std or "half": 0.5/0.5).
   `shard_index` / `shard_count` default to jax.process_index() / jax.process_count().
@@ -321,7 +323,8 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
                   global_batch_size=int(global_batch_size), shard_index=shard_index,
                   shard_count=shard_count, flip=bool(flip), sharpness=float(sharpness or 0.0),
                   sharpness_p=float(sharpness_p), randaugment_ops=ra_ops,
-                  randaugment_magnitude=ra_mag, autoaugment=bool(autoaugment))
+                  randaugment_magnitude=ra_mag, autoaugment=bool(autoaugment),
+                  color_jitter=transforms.parse_color_jitter(color_jitter))
   ds = grain.MapDataset.range(_MAX_BATCHES).map(fn)
   return Loader(_finish(ds, worker_count, prefetch, threads))
 

@@ -3,8 +3,10 @@
 Train (`train_crop`): resize (shorter side to `resize_size`, or the whole image to a
 resize_size x resize_size square with `resize_mode="square"`) -> random crop `image_size` ->
 horizontal flip (p=0.5) -> random sharpness (factor `sharpness` with probability `sharpness_p`,
-like torchvision's RandomAdjustSharpness) -> optional AutoAugment (ImageNet policy) ->
-optional RandAugment. Eval (`eval_crop`): resize -> centre crop. Both return uint8 crops;
+like torchvision's RandomAdjustSharpness) -> optional colour jitter (`color_jitter` =
+(brightness, contrast, saturation): factors drawn from [max(0, 1 - j), 1 + j] and applied in a
+random order with PIL's ImageEnhance, as torchvision's ColorJitter) -> optional AutoAugment
+(ImageNet policy) -> optional RandAugment. Eval (`eval_crop`): resize -> centre crop. Both return uint8 crops;
 `Normalizer` turns them into float32 (x / 255 - mean) / std with ImageNet ("imagenet") or
 0.5 / 0.5 ("half") statistics.
 
@@ -241,11 +243,42 @@ def _as_pil(img):
   return Image.fromarray(np.asarray(img, np.uint8)) if isinstance(img, np.ndarray) else img
 
 
+_JITTER_OPS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+
+
+def parse_color_jitter(value) -> tuple[float, float, float]:
+  """None/0/() -> (0, 0, 0); (brightness, contrast, saturation) or a dict with those keys."""
+  if not value:
+    return (0.0, 0.0, 0.0)
+  if isinstance(value, dict):
+    unknown = set(value) - {"brightness", "contrast", "saturation"}
+    if unknown:
+      raise ValueError(f"color_jitter: unknown keys {sorted(unknown)} (brightness, contrast, "
+                       f"saturation; hue is not supported)")
+    value = [value.get(k, 0.0) for k in ("brightness", "contrast", "saturation")]
+  out = tuple(float(v) for v in value)
+  if len(out) != 3 or any(v < 0 for v in out):
+    raise ValueError(f"color_jitter must be (brightness, contrast, saturation) >= 0, got {value}")
+  return out
+
+
+def jitter_colours(img, rng: np.random.Generator, strengths):
+  """torchvision's ColorJitter(brightness, contrast, saturation) on a PIL image: each factor
+  uniform in [max(0, 1 - s), 1 + s], the enhancements in a random order."""
+  img = _as_pil(img)
+  for i in rng.permutation(3):
+    s = float(strengths[i])
+    if s > 0:
+      img = _JITTER_OPS[i](img).enhance(float(rng.uniform(max(0.0, 1.0 - s), 1.0 + s)))
+  return img
+
+
 def train_crop(img, rng: np.random.Generator, *, image_size: int, resize_size: int,
                resize_mode: str = "shorter", flip: bool = True, sharpness: float = 0.0,
                sharpness_p: float = 0.5, randaugment_ops: int = 0,
                randaugment_magnitude: float = 9.0, autoaugment: bool = False,
-               boxes: dict | None = None, interpolation: str = "bilinear"):
+               boxes: dict | None = None, interpolation: str = "bilinear",
+               color_jitter=()):
   """The train augmentation (module docstring) -> (uint8 (S, S, 3) crop, transformed boxes)."""
   img = _as_pil(img)
   w, h = img.size
@@ -258,6 +291,8 @@ def train_crop(img, rng: np.random.Generator, *, image_size: int, resize_size: i
     crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   if sharpness and rng.random() < sharpness_p:
     crop = ImageEnhance.Sharpness(crop).enhance(float(sharpness))
+  if any(color_jitter):
+    crop = jitter_colours(crop, rng, color_jitter)
   if autoaugment:
     crop = autoaugment_imagenet(crop, rng)
   if randaugment_ops:
