@@ -6,9 +6,9 @@ horizontal flip (p=0.5) -> random sharpness (factor `sharpness` with probability
 like torchvision's RandomAdjustSharpness) -> optional colour jitter (`color_jitter` =
 (brightness, contrast, saturation): factors drawn from [max(0, 1 - j), 1 + j] and applied in a
 random order with PIL's ImageEnhance, as torchvision's ColorJitter) -> optional AutoAugment
-(ImageNet policy) -> optional RandAugment. Eval (`eval_crop`): resize -> centre crop. Both return uint8 crops;
-`Normalizer` turns them into float32 (x / 255 - mean) / std with ImageNet ("imagenet") or
-0.5 / 0.5 ("half") statistics.
+(ImageNet policy) -> optional RandAugment. Eval (`eval_crop`): resize -> centre crop. Both
+return uint8 crops; `Normalizer` turns them into float32 (x / 255 - mean) / std with ImageNet
+("imagenet") or 0.5 / 0.5 ("half") statistics.
 
 The resize and the crop are fused: the crop window is mapped back to the source image and only
 the image_size^2 output pixels are resampled (`Image.resize(size, box=...)`), which is what

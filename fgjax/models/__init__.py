@@ -87,11 +87,17 @@ for _depth in (18, 34, 50, 101):
   register(f"resnet{_depth}")(_resnet_factory(_depth))
 
 
+def _resnet_backbone(depth: int, img_size, dtype, widths=None):
+  """A ResNet without its classifier (the stage maps in aux) -> (module, dtype kwargs)."""
+  dt = {} if dtype is None else {"dtype": dtype}
+  rk = {} if widths is None else {"widths": tuple(widths)}
+  return resnet.ResNet(num_classes=0, depth=depth, img_size=img_size, **rk, **dt), dt
+
+
 def _pmg_resnet_factory(depth: int):
   """PMG heads on a ResNet's layer2/3/4 (spec section 5)."""
   def make(num_classes: int, img_size=448, dtype=None, **kw):
-    dt = {} if dtype is None else {"dtype": dtype}
-    backbone = resnet.ResNet(num_classes=0, depth=depth, img_size=img_size, **dt)
+    backbone, dt = _resnet_backbone(depth, img_size, dtype)
     return pmg.PMG(num_classes=num_classes, backbone=backbone, **dt, **kw)
   return make
 
@@ -115,6 +121,8 @@ def _pmg_deit_factory(variant: str):
 
 for _depth in (18, 50, 101):
   register(f"pmg_resnet{_depth}")(_pmg_resnet_factory(_depth))
+for _size in ("tiny", "small", "base"):
+  register(f"pmg_deit_{_size}")(_pmg_deit_factory(_size))
 
 
 def _small_cnn_backbone(img_size, dtype, widths=(16, 32, 64, 128), convs_per_stage=1,
@@ -131,18 +139,13 @@ def _pmg_cnn_small(num_classes: int, img_size=64, dtype=None, widths=(16, 32, 64
   """PMG heads on the last three stages of `cnn_small` (CPU-sized PMG evidence)."""
   backbone, dt = _small_cnn_backbone(img_size, dtype, widths, convs_per_stage, stem_stride)
   return pmg.PMG(num_classes=num_classes, backbone=backbone, **dt, **kw)
-for _size in ("tiny", "small", "base"):
-  register(f"pmg_deit_{_size}")(_pmg_deit_factory(_size))
 
 
 def _cal_resnet_factory(depth: int):
   """CAL (WS-DAN + counterfactual attention, spec section 4) on a ResNet's layer4."""
   def make(num_classes: int, img_size=448, dtype=None, widths=None, **kw):
-    dt = {} if dtype is None else {"dtype": dtype}
-    rk = {} if widths is None else {"widths": tuple(widths)}
-    backbone = resnet.ResNet(num_classes=0, depth=depth, img_size=img_size, **rk, **dt)
-    return cal.CAL(num_classes=num_classes, backbone=backbone,
-                   feature_dim=resnet.feature_dim(depth, rk.get("widths")), **dt, **kw)
+    backbone, dt = _resnet_backbone(depth, img_size, dtype, widths)
+    return cal.CAL(num_classes=num_classes, backbone=backbone, **dt, **kw)
   return make
 
 
@@ -155,8 +158,7 @@ def _cal_cnn_small(num_classes: int, img_size=64, dtype=None, widths=(16, 32, 64
                    convs_per_stage=1, stem_stride=2, **kw):
   """CAL on `cnn_small`'s last stage (CPU-sized teacher for the synthetic dataset)."""
   backbone, dt = _small_cnn_backbone(img_size, dtype, widths, convs_per_stage, stem_stride)
-  return cal.CAL(num_classes=num_classes, backbone=backbone, feature_dim=tuple(widths)[-1],
-                 **dt, **kw)
+  return cal.CAL(num_classes=num_classes, backbone=backbone, **dt, **kw)
 
 
 @register("cnn_small")

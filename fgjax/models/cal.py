@@ -141,8 +141,7 @@ def bilinear_attention_pooling(features, attention):
 class CAL(nn.Module):
   """WS-DAN with counterfactual attention; see the module docstring."""
   num_classes: int
-  backbone: nn.Module
-  feature_dim: int  # channels of the backbone's last stage map
+  backbone: nn.Module  # a CNN whose aux["stages"][-1] is the map to pool (its `feature_dim`)
   num_attentions: int = 32
   multiview: bool = True
   eval_crop_theta: float = 0.1
@@ -166,15 +165,12 @@ class CAL(nn.Module):
         or self.has_variable("centers", "feature_center")):
       self.feature_center = self.variable(
           "centers", "feature_center", jnp.zeros,
-          (self.num_classes, self.num_attentions * self.feature_dim), jnp.float32)
+          (self.num_classes, self.num_attentions * self.backbone.feature_dim), jnp.float32)
 
   def view(self, images, train: bool):
     """One view: (logits, effect logits, f, f', attention maps, backbone aux)."""
     _, baux = self.backbone(images, train=train)
     feats = baux["stages"][-1]
-    if feats.shape[-1] != self.feature_dim:
-      raise ValueError(f"CAL: feature_dim={self.feature_dim} but the backbone's last stage "
-                       f"has {feats.shape[-1]} channels")
     att = nn.relu(self.attention_bn(self.attention_conv(feats), use_running_average=not train))
     f = bilinear_attention_pooling(feats, att)
     if train:

@@ -27,6 +27,11 @@ class SmallCNN(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  @property
+  def feature_dim(self) -> int:
+    """Channels of the last stage map."""
+    return self.widths[-1]
+
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_attention: bool = False):
     del return_attention  # no attention maps in a CNN

@@ -33,14 +33,6 @@ DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
           50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
 
 
-def feature_dim(depth: int, widths=None) -> int:
-  """Channels of the last stage map of a ResNet of this depth (and stage widths)."""
-  if depth not in DEPTHS:
-    raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}, got {depth}")
-  last = (widths or (64, 128, 256, 512))[-1]
-  return last * (4 if DEPTHS[depth][0] == "bottleneck" else 1)
-
-
 def _conv(features, kernel, stride, dtype, param_dtype, name):
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
@@ -94,6 +86,13 @@ class ResNet(nn.Module):
   widths: Sequence[int] = (64, 128, 256, 512)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+
+  @property
+  def feature_dim(self) -> int:
+    """Channels of the last stage map (what a CAL head pools)."""
+    if self.depth not in DEPTHS:
+      raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}, got {self.depth}")
+    return self.widths[-1] * (4 if DEPTHS[self.depth][0] == "bottleneck" else 1)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_attention: bool = False):
