@@ -87,13 +87,15 @@ def test_two_processes_equal_one_process_with_the_same_devices(tmp_path):
   assert "process 0 of 2, 2 local / 4 global devices" in outs[0][2]
 
   # The same parameters (the global batches hold the same examples; only the row order and
-  # hence float summation order differ).
+  # hence float summation order differ). Each AdamW step moves a parameter by about lr = 1e-3
+  # whatever its gradient's size, so summation-order noise shows up at ~1e-5 after 3 steps;
+  # a different batch or a missing all-reduce moves parameters by ~1e-3.
   _, _, _, a, info_a = trainer.restore_model(str(single), prefer="last")
   _, _, _, b, info_b = trainer.restore_model(str(multi), prefer="last")
   assert info_a["step"] == info_b["step"] == 3
   diffs = [float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
-  assert max(diffs) < 1e-5, max(diffs)
+  assert max(diffs) < 1e-4, max(diffs)
 
   # Only process 0 writes metrics: one train row per step, one final test row.
   rows = logs.read_metrics(str(multi))

@@ -370,3 +370,48 @@ def test_remat_same_parameters_loss_and_gradients():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
   _, aux = remat.apply(variables, x, return_attention=True)
   assert len(aux["attention"]) == 3 and aux["selected"].shape == (2, 3)
+
+
+def test_gelu_gradient_equals_autodiff_of_erf_formula():
+  from fgjax.models.vit import gelu_exact
+  x = jnp.linspace(-8.0, 8.0, 4001)
+  np.testing.assert_allclose(np.asarray(gelu_exact(x)),
+                             np.asarray(jax.nn.gelu(x, approximate=False)), atol=1e-6)
+  g = jax.grad(lambda v: jnp.sum(gelu_exact(v) * jnp.cos(v)))(x)
+  ref = jax.grad(lambda v: jnp.sum(jax.nn.gelu(v, approximate=False) * jnp.cos(v)))(x)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(ref), atol=1e-6)
+  xb = x.astype(jnp.bfloat16)
+  assert jax.grad(lambda v: jnp.sum(gelu_exact(v)).astype(jnp.float32))(xb).dtype == jnp.bfloat16
+
+
+def test_gradients_match_timm():
+  """The backward pass, not just the logits: parameter gradients of a cross-entropy loss equal
+  timm's (same random weights, train mode without dropout) within float32 tolerance."""
+  tm = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False,
+                         num_classes=NUM_CLASSES, img_size=64, depth=2).train()
+  for p in tm.parameters():  # non-zero heads so that every gradient is non-trivial
+    torch.nn.init.normal_(p, std=0.05)
+  params, unexpected = convert.timm_to_fgjax({k: v.detach().numpy()
+                                              for k, v in tm.state_dict().items()})
+  assert not unexpected
+  from flax import traverse_util
+  params = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v)
+                                         for k, v in params.items()})
+  model = models.create("deit_tiny_distilled_patch16", NUM_CLASSES, 64, depth=2)
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((3, 64, 64, 3)).astype(np.float32)
+  labels = np.array([1, 4, 2])
+
+  def loss(p):
+    logits, _ = model.apply({"params": p}, jnp.asarray(images), train=True)
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(3), labels])
+
+  grads = jax.grad(loss)(params)
+  out = tm(torch.from_numpy(images).permute(0, 3, 1, 2))  # (cls + dist) / 2
+  torch.nn.functional.cross_entropy(out, torch.from_numpy(labels)).backward()
+  ref, _ = convert.timm_to_fgjax({k: p.grad.numpy() for k, p in tm.named_parameters()})
+  flat = traverse_util.flatten_dict(grads, sep="/")
+  assert set(flat) == set(ref)
+  for k, g in flat.items():
+    scale = float(np.abs(ref[k]).max()) + 1e-12
+    np.testing.assert_allclose(np.asarray(g) / scale, ref[k] / scale, atol=2e-5, err_msg=k)

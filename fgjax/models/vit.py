@@ -57,9 +57,33 @@ _dense_init = nn.initializers.truncated_normal(stddev=0.02)
 _zeros = nn.initializers.zeros
 
 
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@jax.custom_vjp
 def gelu_exact(x):
-  """GELU with the exact erf formulation (timm/PyTorch default; jax's default is tanh)."""
-  return jax.nn.gelu(x, approximate=False)
+  """GELU with the exact erf formulation (timm/PyTorch default; jax's default is tanh).
+
+  The backward pass reuses the forward's normal CDF and needs one exp per element
+  (d/dx x*Phi(x) = Phi(x) + x*phi(x)); autodiff through `erf` costs ~10% more of a ViT train
+  step on XLA:CPU. Same values and gradients.
+  """
+  return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
+
+
+def _gelu_fwd(x):
+  cdf = 0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype))
+  return x * cdf, (x, cdf)
+
+
+def _gelu_bwd(res, g):
+  x, cdf = res
+  pdf = jnp.exp(-0.5 * x * x) * jnp.asarray(_INV_SQRT_2PI, x.dtype)
+  return (g * (cdf + x * pdf),)
+
+
+gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def drop_path(x, rate: float, deterministic: bool, rng_module: nn.Module):
@@ -72,11 +96,62 @@ def drop_path(x, rate: float, deterministic: bool, rng_module: nn.Module):
   return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+def _flat(x):
+  """(..., D) -> (N, D). XLA:CPU runs a dense layer and its weight gradient markedly faster on
+  a 2-D input than with two batch dimensions (one contracting dimension in the backward)."""
+  return x.reshape(-1, x.shape[-1])
+
+
+class _QKV(nn.Module):
+  """The fused qkv projection, timm's `qkv` Linear (kernel (D, 3D), bias (3D,), output order
+  q|k|v, heads major within each), computed straight into the head-major layout
+  (3, heads, B, T, head_dim) that the attention products use without transposes."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, d = x.shape
+    h = self.num_heads
+    kernel = self.param("kernel", _dense_init, (d, 3 * d), self.param_dtype)
+    bias = self.param("bias", _zeros, (3 * d,), self.param_dtype)
+    kernel = kernel.astype(self.dtype).reshape(d, 3, h, d // h)
+    out = jnp.einsum("nd,dshk->shnk", _flat(x).astype(self.dtype), kernel)
+    out = out + bias.astype(self.dtype).reshape(3, h, 1, d // h)
+    return out.reshape(3, h, b, t, d // h)
+
+
+class _Proj(nn.Module):
+  """The output projection, timm's `proj` Linear (kernel (D, D), bias (D,)), reading either the
+  head-major layout (heads, B, T, head_dim) or (B, T, heads, head_dim); returns (B, T, D)."""
+  head_major: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.head_major:
+      h, b, t, hd = x.shape
+    else:
+      b, t, h, hd = x.shape
+    d = h * hd
+    kernel = self.param("kernel", _dense_init, (d, d), self.param_dtype).astype(self.dtype)
+    bias = self.param("bias", _zeros, (d,), self.param_dtype).astype(self.dtype)
+    if self.head_major:
+      out = jnp.einsum("hnk,hkd->nd", x.reshape(h, b * t, hd).astype(self.dtype),
+                       kernel.reshape(h, hd, d))
+    else:
+      out = x.reshape(b * t, d).astype(self.dtype) @ kernel
+    return (out + bias).reshape(b, t, d)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (timm `Attention`).
 
   Returns `(out, probs)`; `probs` (B, heads, T, T, float32) is None unless
-  `return_attention`.
+  `return_attention`. Parameters `qkv/{kernel,bias}` and `proj/{kernel,bias}` have the shapes
+  of timm's Linear layers (transposed kernels), so checkpoints convert by renaming.
   """
   num_heads: int
   attn_drop_rate: float = 0.0
@@ -90,27 +165,27 @@ class Attention(nn.Module):
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
     head_dim = d // self.num_heads
-    qkv = nn.Dense(3 * d, dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=_dense_init, bias_init=_zeros, name="qkv")(x)
-    # (3, B, H, T, hd): the head-major layout is ~2x faster on XLA:CPU than (B, T, H, hd).
-    qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
+    q, k, v = _QKV(self.num_heads, self.dtype, self.param_dtype, name="qkv")(x)
     probs = None
     use_probs = return_attention or (train and self.attn_drop_rate > 0)
     if not use_probs and jax.default_backend() in ("gpu", "tpu"):
       # Fused attention (cuDNN flash attention on GPU) where no probabilities are needed.
-      out = jax.nn.dot_product_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
-                                         v.transpose(0, 2, 1, 3))
+      q, k, v = (a.transpose(1, 2, 0, 3) for a in (q, k, v))  # (B, T, heads, head_dim)
+      out = jax.nn.dot_product_attention(q, k, v)
+      head_major = False
     else:
-      logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(head_dim ** -0.5, q.dtype), k)
+      # Head-major (heads, B, T, head_dim) products: ~10% faster on XLA:CPU than (B, heads, ..)
+      # behind the transposes it would need.
+      logits = jnp.einsum("hbqd,hbkd->hbqk", q * jnp.asarray(head_dim ** -0.5, q.dtype), k)
       probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
       weights = nn.Dropout(self.attn_drop_rate)(probs, deterministic=not train)
-      out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v).transpose(0, 2, 1, 3)
-    out = out.reshape(b, t, d)
-    out = nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=_dense_init, bias_init=_zeros, name="proj")(out)
+      out = jnp.einsum("hbqk,hbkd->hbqd", weights.astype(v.dtype), v)
+      head_major = True
+    out = _Proj(head_major, self.dtype, self.param_dtype, name="proj")(out)
     out = nn.Dropout(self.proj_drop_rate)(out, deterministic=not train)
-    return out, (probs if return_attention else None)
+    if return_attention:
+      return out, probs.transpose(1, 0, 2, 3)
+    return out, None
 
 
 class Mlp(nn.Module):
@@ -122,14 +197,14 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    d = x.shape[-1]
+    shape = x.shape
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=_dense_init, bias_init=_zeros, name="fc1")(x)
+                 kernel_init=_dense_init, bias_init=_zeros, name="fc1")(_flat(x))
     x = gelu_exact(x)
     x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
-    x = nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype,
+    x = nn.Dense(shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=_dense_init, bias_init=_zeros, name="fc2")(x)
-    return nn.Dropout(self.drop_rate)(x, deterministic=not train)
+    return nn.Dropout(self.drop_rate)(x, deterministic=not train).reshape(shape)
 
 
 class Block(nn.Module):
