@@ -230,6 +230,34 @@ def time_fn(fn: Callable[[], Any], *, iters: int, warmup: int = 1,
   return Timing(times, warmup)
 
 
+def time_interleaved(fns: dict[str, tuple[Callable[[], Any], Optional[Callable[[Any], Any]]]],
+                     *, iters: int, warmup: int = 1) -> dict[str, Timing]:
+  """Like `time_fn` for several `(fn, sync)` pairs, alternating them call by call (the order
+  reversed every round), so that a machine whose speed drifts (a shared VM) slows all alike.
+  Returns {name: Timing}."""
+  if iters < 1:
+    raise ValueError(f"iters must be >= 1, got {iters}")
+  names = list(fns)
+  for name in names:
+    fn, sync = fns[name]
+    for _ in range(warmup):
+      out = fn()
+      if sync is not None:
+        sync(out)
+      del out
+  times: dict[str, list[float]] = {name: [] for name in names}
+  for i in range(iters):
+    for name in (names if i % 2 == 0 else names[::-1]):
+      fn, sync = fns[name]
+      t0 = time.perf_counter()
+      out = fn()
+      if sync is not None:
+        sync(out)
+      times[name].append(time.perf_counter() - t0)
+      del out
+  return {name: Timing(times[name], warmup) for name in names}
+
+
 def stopwatch(fn: Callable[[], Any]) -> tuple[Any, float]:
   """Runs `fn()` once; returns `(result, seconds)`. For one-off costs such as compilation."""
   t0 = time.perf_counter()

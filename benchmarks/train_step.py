@@ -22,6 +22,8 @@ A train step = forward in train mode + loss + backward + AdamW update (lr 1e-4, 
                           reference: timm ResNet stages + the PMG heads in torch, 4 backward
                           passes and optimizer steps.
 
+On a CPU the fgjax and PyTorch steps alternate (`--no-interleave` times one framework after the
+other, the default on a GPU), so that a shared machine's drifting speed affects both alike.
 Reported: ms per step (median of `--iters` after `--warmup`), images/s, ratio = reference time /
 fgjax time (> 1: fgjax faster), the compiled step's FLOPs (XLA cost analysis) and the achieved
 TFLOP/s; MFU = achieved / peak where the device's peak is known (`--peak-tflops`, or the table
@@ -82,6 +84,8 @@ def parse_args(argv=None):
   p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
   p.add_argument("--compile", action="store_true", help="torch.compile the reference")
   p.add_argument("--skip-torch", action="store_true")
+  p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                 help="alternate fgjax and torch steps (default: on for CPU, off for GPU)")
   p.add_argument("--peak-tflops", type=float, default=None)
   a = p.parse_args(argv)
   a.model_keys = [m for m in a.models.split(",") if m]
@@ -132,7 +136,8 @@ def make_fgjax_step(name: str, kind: str, img: int, dtype, model_kwargs=None):
   return model, tx, step
 
 
-def bench_fgjax(key, images, labels, args):
+def prepare_fgjax(key, images, labels, args):
+  """The compiled fgjax step as (run, sync, info): run() does one step."""
   import jax
   import jax.numpy as jnp
 
@@ -157,8 +162,7 @@ def bench_fgjax(key, images, labels, args):
                                                         batch, rng)
     return loss
 
-  timing = common.time_fn(run, warmup=args.warmup, iters=args.iters, sync=jax.block_until_ready)
-  return {"compile_s": compile_s, "flops": flops, **timing.as_dict()}
+  return run, jax.block_until_ready, {"compile_s": compile_s, "flops": flops}
 
 
 # ------------------------------------------------------------------------------------ torch
@@ -261,7 +265,8 @@ def _torch_con_loss(z, y, torch, margin=0.4):
   return loss / (z.shape[0] ** 2)
 
 
-def bench_torch(key, images_nchw, labels, args, device):
+def prepare_torch(key, images_nchw, labels, args, device):
+  """The PyTorch reference step as (step, sync): step() does one step."""
   import contextlib
   import timm
   import torch
@@ -320,7 +325,7 @@ def bench_torch(key, images_nchw, labels, args, device):
     return loss
 
   sync = (lambda _: torch.cuda.synchronize()) if dev.type == "cuda" else None
-  return common.time_fn(step, warmup=args.warmup, iters=args.iters, sync=sync).as_dict()
+  return step, sync
 
 
 # ------------------------------------------------------------------------------------ main
@@ -354,10 +359,14 @@ def main(argv=None):
         None if on_gpu else "cpu")
   machine = common.describe_machine(threads=threads.threads)
   peak = _peak(args, machine)
+  # On a CPU the two frameworks' steps alternate, so that a shared machine's drifting speed
+  # hits both alike; on a GPU they run one after the other (two frameworks' memory pools).
+  interleave = args.interleave if args.interleave is not None else not on_gpu
   print("# Train-step speed: fgjax (one jitted step) vs the PyTorch reference\n")
   print(common.format_machine(machine))
   print(f"config:   dtype {args.dtype}, AdamW, {NUM_CLASSES} classes, median of {args.iters} "
-        f"after {args.warmup} warm-up steps, threads {threads.threads}, torch "
+        f"after {args.warmup} warm-up steps{' (steps interleaved)' if interleave else ''}, "
+        f"threads {threads.threads}, torch "
         f"{'compiled' if args.compile else 'eager'} on {torch_device or 'skipped'}\n", flush=True)
   rng = np.random.default_rng(0)
   rows = []
@@ -367,13 +376,24 @@ def main(argv=None):
     images = rng.standard_normal((batch, 3, img, img), dtype=np.float32)
     labels = rng.integers(0, NUM_CLASSES, size=(batch,), dtype=np.int32)
     print(f"[{label} @ {img}, batch {batch}] fgjax ...", end="", flush=True)
-    fg = bench_fgjax(key, np.ascontiguousarray(images.transpose(0, 2, 3, 1)), labels, args)
-    gc.collect()
+    run, sync, fg = prepare_fgjax(key, np.ascontiguousarray(images.transpose(0, 2, 3, 1)),
+                                  labels, args)
+    steps = {"fgjax": (run, sync)}
+    if not interleave:
+      fg.update(common.time_fn(run, warmup=args.warmup, iters=args.iters, sync=sync).as_dict())
+      steps = {}
+      gc.collect()
     tm = None
     if torch_device:
       print(" torch ...", end="", flush=True)
-      tm = bench_torch(key, images, labels, args, torch_device)
-      gc.collect()
+      steps["torch"] = prepare_torch(key, images, labels, args, torch_device)
+    timings = common.time_interleaved(steps, warmup=args.warmup, iters=args.iters)
+    if "fgjax" in timings:
+      fg.update(timings["fgjax"].as_dict())
+    if "torch" in timings:
+      tm = timings["torch"].as_dict()
+    del steps, run
+    gc.collect()
     print(" done", flush=True)
     f_s = fg["median_s"]
     tflops = fg["flops"] / f_s / 1e12 if fg["flops"] else None

@@ -44,3 +44,17 @@ def test_memory_benchmark_runs():
   # (XLA:CPU does not turn remat into a smaller footprint; README, Benchmarks.)
   for row in (plain, remat):
     assert float(row[3]) > 0 and float(row[4]) > 0 and int(row[5]) > 0
+
+
+def test_time_interleaved_alternates_and_times_each():
+  sys.path.insert(0, ROOT)
+  from benchmarks import common
+  calls = []
+  fns = {"a": (lambda: calls.append("a"), None), "b": (lambda: calls.append("b") or 7,
+                                                       lambda out: calls.append(f"sync{out}"))}
+  timings = common.time_interleaved(fns, iters=3, warmup=1)
+  assert calls == ["a", "b", "sync7",  # warm-up
+                   "a", "b", "sync7", "b", "sync7", "a", "a", "b", "sync7"]
+  assert timings["a"].iters == timings["b"].iters == 3 and timings["a"].warmup == 1
+  with pytest.raises(ValueError):
+    common.time_interleaved(fns, iters=0)
