@@ -212,22 +212,7 @@ def time_fn(fn: Callable[[], Any], *, iters: int, warmup: int = 1,
       `jax.block_until_ready` for JAX, `lambda _: torch.cuda.synchronize()` for CUDA, None for
       synchronous code.
   """
-  if iters < 1:
-    raise ValueError(f"iters must be >= 1, got {iters}")
-  for _ in range(warmup):
-    out = fn()
-    if sync is not None:
-      sync(out)
-    del out
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    out = fn()
-    if sync is not None:
-      sync(out)
-    times.append(time.perf_counter() - t0)
-    del out
-  return Timing(times, warmup)
+  return time_interleaved({"fn": (fn, sync)}, iters=iters, warmup=warmup)["fn"]
 
 
 def time_interleaved(fns: dict[str, tuple[Callable[[], Any], Optional[Callable[[Any], Any]]]],

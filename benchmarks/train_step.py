@@ -378,21 +378,25 @@ def main(argv=None):
     print(f"[{label} @ {img}, batch {batch}] fgjax ...", end="", flush=True)
     run, sync, fg = prepare_fgjax(key, np.ascontiguousarray(images.transpose(0, 2, 3, 1)),
                                   labels, args)
-    steps = {"fgjax": (run, sync)}
-    if not interleave:
-      fg.update(common.time_fn(run, warmup=args.warmup, iters=args.iters, sync=sync).as_dict())
-      steps = {}
-      gc.collect()
     tm = None
-    if torch_device:
+    if interleave and torch_device:
       print(" torch ...", end="", flush=True)
-      steps["torch"] = prepare_torch(key, images, labels, args, torch_device)
-    timings = common.time_interleaved(steps, warmup=args.warmup, iters=args.iters)
-    if "fgjax" in timings:
+      timings = common.time_interleaved(
+          {"fgjax": (run, sync), "torch": prepare_torch(key, images, labels, args, torch_device)},
+          warmup=args.warmup, iters=args.iters)
       fg.update(timings["fgjax"].as_dict())
-    if "torch" in timings:
       tm = timings["torch"].as_dict()
-    del steps, run
+      del run, sync, timings
+    else:
+      fg.update(common.time_fn(run, warmup=args.warmup, iters=args.iters, sync=sync).as_dict())
+      del run, sync  # free fgjax's buffers before the reference allocates its own
+      gc.collect()
+      if torch_device:
+        print(" torch ...", end="", flush=True)
+        step, torch_sync = prepare_torch(key, images, labels, args, torch_device)
+        tm = common.time_fn(step, warmup=args.warmup, iters=args.iters,
+                            sync=torch_sync).as_dict()
+        del step, torch_sync
     gc.collect()
     print(" done", flush=True)
     f_s = fg["median_s"]
