@@ -192,6 +192,37 @@ def test_synthetic_parts_are_small_inside_the_bird_and_described():
     assert f"{names[throat]} throat" in ex["text"]
 
 
+def _vivid_mask(image):
+  """Pixels in a vivid part/decoy colour (the bird, branch and background are muted)."""
+  x = image.astype(np.float32) / 255.0
+  hi, lo = x.max(-1), x.min(-1)
+  return (hi > 0.5) & ((hi - lo) / np.maximum(hi, 1e-6) > 0.6)
+
+
+def test_synthetic_demo_variant_has_larger_parts_and_no_decoys():
+  """part_scale multiplies the parts' area on the same bird; decoys=False leaves every vivid
+  pixel on a part; both are validated and keep the rest of the example as it was."""
+  kw = dict(num_classes=20, num_examples=12, image_size=96)
+  plain = get_source("synthetic", "train", **kw)
+  demo = get_source("synthetic", "train", part_scale=4.0, decoys=False, **kw)
+  ratios = []
+  for i in range(len(plain)):
+    a, b = plain[i], demo[i]
+    assert a["label"] == b["label"] and a["text"] == b["text"]
+    area = lambda p: (p[:, 2] - p[:, 0]) * (p[:, 3] - p[:, 1])
+    ratios.append(area(b["part_boxes"]) / area(a["part_boxes"]))
+    for ex, decoys in ((a, True), (b, False)):
+      off_part = _vivid_mask(ex["image"])
+      for x0, y0, x1, y1 in ex["part_boxes"]:
+        off_part[max(int(y0) - 1, 0):int(y1) + 2, max(int(x0) - 1, 0):int(x1) + 2] = False
+      # The default draws four part-sized decoys (about 0.4% of the image each) off the parts.
+      assert (off_part.mean() > 0.005) if decoys else (off_part.sum() == 0), (i, decoys)
+  assert 3.0 < np.median(ratios) < 4.5, np.median(ratios)  # clipping at the border lowers some
+  for bad in (dict(part_scale=0.1), dict(part_scale=9), dict(decoys="no")):
+    with pytest.raises(ValueError, match="synthetic: (part_scale|decoys)"):
+      get_source("synthetic", "train", **bad)
+
+
 def _part_colour_features(src):
   """Mean colour inside each part box: what a model that found the parts would see."""
   feats = []
