@@ -103,10 +103,10 @@ def make_fgjax_step(name: str, kind: str, img: int, dtype, model_kwargs=None):
   vars, loss) runs one training step of `kind` ("deit": CE on the logits; "trs", "transfg",
   "pmg", "cal": the method's own loss, PMG's S + 1 updates in sequence as in the trainer) with
   AdamW (lr 1e-4, wd 0.05)."""
-  import jax
   import optax
   from configs import common as cfgs
   from fgjax import losses, methods, models
+  from fgjax.train import trainer
 
   model = models.create(name, NUM_CLASSES, img, dtype=dtype, **(model_kwargs or {}))
   tx = optax.adamw(1e-4, weight_decay=0.05)
@@ -120,17 +120,10 @@ def make_fgjax_step(name: str, kind: str, img: int, dtype, model_kwargs=None):
     cfg.method = {"trs": "trs_deit"}.get(kind, kind)
     cfg.model.name, cfg.model.img_size = name, img
     method = methods.get_method(cfg, model, NUM_CLASSES)
-    loss_fns = method.stage_losses() if hasattr(method, "stage_losses") else [
-        lambda p, e, b, r: method.loss(p, e, b, r)]
+    loss_fns = trainer.method_losses(method)
 
-  def step(p, o, extra, batch, rng):
-    loss = 0.0
-    for k, fn in enumerate(loss_fns):
-      (l, (_, extra)), g = jax.value_and_grad(fn, has_aux=True)(
-          p, extra, batch, jax.random.fold_in(rng, k))
-      u, o = tx.update(g, o, p)
-      p = optax.apply_updates(p, u)
-      loss = loss + l
+  def step(p, o, extra, batch, rng):  # the trainer's update loop (without its bookkeeping)
+    p, o, extra, loss, _, _ = trainer.apply_updates(loss_fns, tx, p, o, extra, batch, rng)
     return p, o, extra, loss
 
   return model, tx, step

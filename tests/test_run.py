@@ -63,6 +63,7 @@ def test_demo_runlocal_every_mode(tmp_path):
   rows = logs.read_metrics(str(w))
   test_rows = [r for r in rows if r.get("split") == "test"]
   assert test_rows and 0 <= test_rows[-1]["part_hit_rate"] <= 1
+  assert 0 < test_rows[-1]["part_hit_chance"] < 0.5
   assert list((w / "visualize").glob("*_regions.png")), "the demo writes region PNGs"
   assert "teacher" in proc.stderr + proc.stdout
 

@@ -200,6 +200,15 @@ def test_part_hits():
   hit, has = trainer.part_hits(sel, boxes, (4, 4), 8, 8)
   np.testing.assert_allclose(np.asarray(hit), [0.5, 1.0])
   assert bool(has.all())
+  every = jnp.broadcast_to(jnp.arange(16), (2, 16))  # chance: 1 of 16 patches is on the part
+  np.testing.assert_allclose(np.asarray(trainer.part_hits(every, boxes, (4, 4), 8, 8)[0]),
+                             [1 / 16] * 2)
+  res = {"mask": np.array([1, 1, 0]), "label": np.array([0, 1, 1]), "pred": np.array([0, 1, 0]),
+         "correct5": np.ones(3, bool), "part_hit": np.array([0.5, 1.0, 1.0]),
+         "has_parts": np.array([1, 1, 1]), "part_hit_chance": np.array([0.1, 0.2, 0.9])}
+  out = trainer.summarize_eval(res, 2)
+  assert out["part_hit_rate"] == pytest.approx(0.75)  # the padded third example is left out
+  assert out["part_hit_chance"] == pytest.approx(0.15)
 
 
 def test_get_steps():

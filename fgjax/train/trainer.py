@@ -253,6 +253,29 @@ def _collections(state) -> dict:
   return {k: v for k, v in state.items() if k not in ("params", "opt", "step", "bad_step", "ema")}
 
 
+def method_losses(method, teacher_labels=None) -> list:
+  """The method's losses, one optimizer update each: `loss(params, extra, batch, rng) ->
+  (value, (metrics, new extra))`. One for most methods, S + 1 in sequence for PMG."""
+  if hasattr(method, "stage_losses"):
+    return method.stage_losses()
+  return [lambda p, e, b, r: method.loss(p, e, b, r, teacher_labels)]
+
+
+def apply_updates(loss_fns, tx, params, opt, extra, batch, rng):
+  """One optimizer update per loss in `loss_fns`, in sequence (each on the params the previous
+  one left). Returns (params, opt, extra, summed loss, merged metrics, last grads)."""
+  loss, metrics = 0.0, {}
+  for k, fn in enumerate(loss_fns):
+    r = rng if len(loss_fns) == 1 else jax.random.fold_in(rng, k)
+    (loss_k, (m, extra)), grads = jax.value_and_grad(fn, has_aux=True)(params, extra, batch, r)
+    updates, opt = tx.update(grads, opt, params)
+    params = optax.apply_updates(params, updates)
+    extra = extra or {}
+    loss = loss + loss_k
+    metrics.update(m)
+  return params, opt, extra, loss, metrics, grads
+
+
 def make_train_step(config, method, tx, schedules, base_rng, teacher_fn):
   """The jitted-to-be step: (state, batch, teacher_inputs) -> (state, metrics)."""
   ema_decay = float(config.get("ema_decay", 0.0) or 0.0)
@@ -263,23 +286,11 @@ def make_train_step(config, method, tx, schedules, base_rng, teacher_fn):
     teacher_labels = None
     if teacher_fn is not None:
       teacher_labels = jax.lax.stop_gradient(teacher_fn(teacher_inputs, batch))
-    extra = _collections(state)
-    params, opt = state["params"], state["opt"]
-    # One update per loss: a single loss for most methods, S + 1 in sequence for PMG.
-    loss_fns = method.stage_losses() if hasattr(method, "stage_losses") else [
-        lambda p, e, b, r: method.loss(p, e, b, r, teacher_labels)]
-    loss, metrics, new_extra = 0.0, {}, extra
-    for k, fn in enumerate(loss_fns):
-      r = rng if len(loss_fns) == 1 else jax.random.fold_in(rng, k)
-      (loss_k, (m, new_extra)), grads = jax.value_and_grad(fn, has_aux=True)(
-          params, new_extra, batch, r)
-      updates, opt = tx.update(grads, opt, params)
-      params = optax.apply_updates(params, updates)
-      new_extra = new_extra or {}
-      loss = loss + loss_k
-      metrics.update(m)
+    loss_fns = method_losses(method, teacher_labels)
+    params, opt, new_extra, loss, metrics, grads = apply_updates(
+        loss_fns, tx, state["params"], state["opt"], _collections(state), batch, rng)
     new = {"params": params, "opt": opt, "step": step + 1}
-    new.update(new_extra or {})
+    new.update(new_extra)
     if "ema" in state:
       new["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
                                 state["ema"], params)
@@ -309,6 +320,30 @@ def abstract_train_state(config, model, method, tx, mesh):
                       abstract, state_shardings(abstract, mesh))
 
 
+def build_optimizer(config, model, steps_per_epoch: int | None = None, total_steps: int = 1,
+                    updates_per_step: int = 1):
+  """(optax transform, schedules) from `config.optim` over the model's abstract parameters.
+
+  Epoch-based keys (warmup_epochs, decay_every_epochs) become optimizer updates with
+  `steps_per_epoch` and `updates_per_step` (PMG makes S + 1 updates per batch); the schedules
+  span total_steps * updates_per_step updates. Without steps_per_epoch (restoring a model: only
+  the state's structure matters) the schedule is constant.
+  """
+  img = int(config.model.img_size)
+  params_shape = jax.eval_shape(
+      lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, img, img, 3)),
+                         train=False)["params"])
+  ocfg = ml_collections.ConfigDict(config.optim.to_dict())
+  with ocfg.unlocked():
+    if steps_per_epoch is None:
+      ocfg.schedule = "constant"
+    else:
+      for key in ("warmup", "decay_every"):
+        if ocfg.get(f"{key}_epochs") is not None or ocfg.get(f"{key}_steps") is not None:
+          ocfg[f"{key}_steps"] = get_steps(ocfg, key, steps_per_epoch) * updates_per_step
+  return optim.make_optimizer(ocfg, params_shape, total_steps * updates_per_step)
+
+
 def restore_model(workdir: str, prefer: str = "best", mesh=None, num_classes=None):
   """Rebuilds the model of a finished or running fgjax workdir and restores its variables.
 
@@ -324,15 +359,7 @@ def restore_model(workdir: str, prefer: str = "best", mesh=None, num_classes=Non
     raise ValueError(f"{workdir}/config.json lacks num_classes_resolved")
   model = build_model(config, num_classes)
   method = fgmethods.get_method(config, model, num_classes)
-  img = int(config.model.img_size)
-  params_shape = jax.eval_shape(
-      lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, img, img, 3)),
-                         train=False)["params"])
-  # The optimizer only gives the state's structure here (epoch-based schedule keys are not
-  # resolved to steps outside training).
-  ocfg = ml_collections.ConfigDict(config.optim.to_dict())
-  ocfg.schedule = "constant"
-  tx, _ = optim.make_optimizer(ocfg, params_shape, total_steps=1)
+  tx, _ = build_optimizer(config, model)  # only the state's structure is needed here
   abstract = abstract_train_state(config, model, method, tx, mesh)
   state, step, which = ckpt_lib.restore_params_from_workdir(workdir, abstract, prefer)
   info = {"step": int(step), "checkpoint": which, "workdir": workdir}
@@ -378,7 +405,12 @@ def make_eval_step(method, model):
       stride = model.patch_stride or model.patch_size
       hit, has = part_hits(out["selected"], batch["part_boxes"], model.grid, model.patch_size,
                            stride)
+      # Chance: the share of all patches on a part (what uniformly random picks would score).
+      every = jnp.broadcast_to(jnp.arange(model.grid[0] * model.grid[1]),
+                               (labels.shape[0], model.grid[0] * model.grid[1]))
       res["part_hit"], res["has_parts"] = hit, has
+      res["part_hit_chance"] = part_hits(every, batch["part_boxes"], model.grid,
+                                         model.patch_size, stride)[0]
     return res
   return eval_step
 
@@ -401,6 +433,8 @@ def summarize_eval(results: dict[str, np.ndarray], num_classes: int) -> dict[str
     has = results["has_parts"].astype(bool) & mask
     if has.any():
       out["part_hit_rate"] = float(results["part_hit"][has].mean())
+      if "part_hit_chance" in results:
+        out["part_hit_chance"] = float(results["part_hit_chance"][has].mean())
   return out
 
 
@@ -477,11 +511,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   total_steps = get_steps(config, "total", steps_per_epoch)
   # Schedules count optimizer updates: PMG makes S + 1 updates per batch.
   updates_per_step = int(getattr(method, "updates_per_step", 1))
-  ocfg = ml_collections.ConfigDict(config.optim.to_dict())
-  with ocfg.unlocked():
-    for key in ("warmup", "decay_every"):
-      if ocfg.get(f"{key}_epochs") is not None or ocfg.get(f"{key}_steps") is not None:
-        ocfg[f"{key}_steps"] = get_steps(ocfg, key, steps_per_epoch) * updates_per_step
   log_every = get_steps(config, "log_every", steps_per_epoch, default=50)
   eval_every = get_steps(config, "eval_every", steps_per_epoch, default=total_steps)
   ckpt_every = get_steps(config, "checkpoint_every", steps_per_epoch, default=eval_every)
@@ -490,11 +519,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   seed = int(config.seed)
   base_rng = jax.random.fold_in(jax.random.key(seed), 1)
   img = int(config.model.img_size)
-  # The optimizer is built from the abstract parameter shapes (no initialisation needed).
-  params_shape = jax.eval_shape(
-      lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, img, img, 3)),
-                         train=False)["params"])
-  tx, schedules = optim.make_optimizer(ocfg, params_shape, total_steps * updates_per_step)
+  tx, schedules = build_optimizer(config, model, steps_per_epoch, total_steps, updates_per_step)
   teacher_fn, teacher_inputs, teacher_desc = _teacher_labels_fn(config, mesh, train_src) \
       if method.uses_teacher else (None, None, "")
   if method.uses_teacher:
