@@ -6,8 +6,8 @@ r"""PMG vs plain cross-entropy on the synthetic birds (CPU-sized evidence, READM
 
 The same small CNN (4 conv stages 16-128 wide, the demo teacher's backbone), 96 px images of
 the default (harder) variant of the birds (20 classes, 4000 training images; the demo uses
-larger parts without decoys), the same batches (800 steps of 64) and optimizer (AdamW lr 6e-3,
-cosine); PMG makes 4 updates per batch (jigsaw 8, 4, 2 on the heads of
+larger parts without decoys), 800 steps of 64 for both runs and the demo teacher's optimizer
+(AdamW lr 6e-3, cosine); PMG makes 4 updates per batch (jigsaw 8, 4, 2 on the heads of
 the last three stages, then the original image with 2 x CE on the concat head), with narrow heads
 (64/128 channels, global max pooling as in the reference).
 """

@@ -709,7 +709,8 @@ def get_source(name: str, split: str, data_dir: str | os.PathLike | None = None,
   """Returns the random-access source `name` / `split` (see the module docstring).
 
   Keyword arguments: `skip_bad_images` (all but synthetic); `image_key`, `label_key` (tfds);
-  `num_classes`, `num_examples`, `image_size`, `seed`, `cache` (synthetic).
+  `num_classes`, `num_examples`, `image_size`, `seed`, `cache`, `part_scale`, `decoys`
+  (synthetic).
   """
   name = str(name).strip()
   key = name.lower()
