@@ -13,6 +13,8 @@ r"""fgjax command line: train, evaluate, predict, visualise and export teacher p
 
 Multi-host: `--coordinator_address=host:port --num_processes=N --process_id=i` (or the
 usual JAX environment variables; automatic on TPU) call `jax.distributed.initialize`.
+On the CPU, `--host_memory=auto` keeps XLA's freed step buffers for reuse
+(fgjax/train/hostmem.py).
 Exit status: 0 done, 1 training failed (message says why), 2 bad input (missing dataset,
 checkpoint or config key).
 """
@@ -38,6 +40,11 @@ _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show full tracebacks for inp
 _COORD = flags.DEFINE_string("coordinator_address", None, "Multi-host coordinator host:port.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_HOST_MEMORY = flags.DEFINE_enum(
+    "host_memory", "auto", ["auto", "retain", "system"],
+    "XLA:CPU step buffers: 'retain' keeps freed memory for the next step instead of returning "
+    "it to the kernel (glibc malloc options; ~20% faster CPU train steps), 'auto' does so when "
+    "jax runs on the CPU only, 'system' leaves malloc alone. See fgjax/train/hostmem.py.")
 
 
 def _default_workdir(config_path: str | None) -> str:
@@ -58,7 +65,8 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                       datefmt="%H:%M:%S")
   logging.getLogger("absl").setLevel(logging.WARNING)
-  from fgjax.train import distributed
+  from fgjax.train import distributed, hostmem
+  hostmem.configure(_HOST_MEMORY.value)  # before jax creates a backend
   distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
 
   from fgjax import convert, data, teachers

@@ -110,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "(explicit --iters/--warmup/--batch win)")
   p.add_argument("--json", metavar="OUT", default=None, help="also write results as JSON")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--host-memory", choices=("auto", "retain", "system"), default="auto",
+                 help="glibc malloc keeps XLA:CPU's freed step buffers ('auto': on the CPU, "
+                 "as run.py does; applies to both frameworks in the process)")
   args = p.parse_args(argv)
 
   args.model_keys = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -267,6 +270,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   threads = common.configure_threads(args.threads, platform_name=platform_name)
   args.threads = threads.threads
+  from fgjax.train import hostmem  # pylint: disable=import-outside-toplevel
+  retained = hostmem.configure(args.host_memory)  # before jax's backend, as run.py
 
   import jax  # noqa: E402  pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -301,7 +306,8 @@ def main(argv=None) -> int:
   pin = f", pinned to CPUs {threads.cpus}" if threads.cpus else ""
   print(f"config:   dtype {args.dtype}, {args.num_classes} classes, warmup {args.warmup}, "
         f"median of {args.iters} iters; threads: torch {threads.threads}, XLA "
-        f"{threads.xla_threads}{pin}; jax on {backend}, timm on {torch_device or 'skipped'}")
+        f"{threads.xla_threads}{pin}; jax on {backend}, timm on {torch_device or 'skipped'}; "
+        f"host memory {'retained' if retained else 'system malloc'}")
   if args.dtype == "bfloat16" and not on_gpu:
     flags = common.cpu_flags()
     if flags and not flags & {"avx512_bf16", "amx_bf16", "bf16"}:

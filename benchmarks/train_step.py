@@ -87,6 +87,9 @@ def parse_args(argv=None):
   p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                  help="alternate fgjax and torch steps (default: on for CPU, off for GPU)")
   p.add_argument("--peak-tflops", type=float, default=None)
+  p.add_argument("--host-memory", choices=("auto", "retain", "system"), default="auto",
+                 help="glibc malloc keeps XLA:CPU's freed step buffers ('auto': on the CPU, "
+                 "as run.py does; applies to both frameworks in the process)")
   a = p.parse_args(argv)
   a.model_keys = [m for m in a.models.split(",") if m]
   for m in a.model_keys:
@@ -340,6 +343,8 @@ def main(argv=None):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   threads = common.configure_threads(args.threads,
                                      platform_name="cpu" if args.device == "cpu" else None)
+  from fgjax.train import hostmem
+  retained = hostmem.configure(args.host_memory)  # before jax creates its backend, as run.py
   import jax
   import numpy as np
 
@@ -359,7 +364,8 @@ def main(argv=None):
   print(common.format_machine(machine))
   print(f"config:   dtype {args.dtype}, AdamW, {NUM_CLASSES} classes, median of {args.iters} "
         f"after {args.warmup} warm-up steps{' (steps interleaved)' if interleave else ''}, "
-        f"threads {threads.threads}, torch "
+        f"threads {threads.threads}, host memory "
+        f"{'retained' if retained else 'system malloc'}, torch "
         f"{'compiled' if args.compile else 'eager'} on {torch_device or 'skipped'}\n", flush=True)
   rng = np.random.default_rng(0)
   rows = []
