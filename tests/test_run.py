@@ -66,7 +66,8 @@ def test_demo_runlocal_every_mode(tmp_path):
   assert 0 < test_rows[-1]["part_hit_chance"] < 0.5
   assert list((w / "visualize").glob("*_regions.png")), "the demo writes region PNGs"
   assert "teacher" in proc.stderr + proc.stdout
-  assert "host memory: freed memory is kept" in proc.stderr  # --host_memory=auto on the CPU
+  if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+    assert "host memory: freed memory is kept" in proc.stderr  # --host_memory=auto on the CPU
 
   _ok(_run("--mode=eval", f"--workdir={w}"))
   metrics = json.loads((w / "eval_metrics.json").read_text())["test"]

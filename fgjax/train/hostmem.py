@@ -6,7 +6,7 @@ step ends. glibc serves blocks that large with `mmap` and gives them back with `
 step touches fresh pages that the kernel must fault in and zero: measured on the 2-core build
 machine, ~256,000 page faults and ~0.47 CPU-seconds of kernel time per DeiT-Ti step, about a
 fifth of the step. `retain_freed_memory()` sets three glibc malloc options so that freed blocks
-stay in the process and the next step reuses them (DeiT-Ti step: ~1,100 -> ~870 ms):
+stay in the process and the next step reuses them (DeiT-Ti step: ~1,100 -> ~860 ms):
 
   M_MMAP_MAX = 0            large blocks come from the heap, not from their own mappings;
   M_TRIM_THRESHOLD = -1     the heap's free top is never handed back to the kernel;
@@ -32,15 +32,19 @@ import importlib.util
 import logging
 import os
 import pkgutil
+import sys
 
 log = logging.getLogger("fgjax")
 
 MODES = ("auto", "retain", "system")
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc <malloc.h>
 _applied = False
+_OTHER_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc", "hoard", "tbbmalloc")
 
 
 def _backends_initialized() -> bool:
+  if "jax" not in sys.modules:
+    return False
   try:
     from jax._src import xla_bridge
     return bool(xla_bridge.backends_are_initialized())
@@ -66,7 +70,7 @@ def cpu_only() -> bool:
   """Whether jax will run on the CPU only: JAX_PLATFORMS (or jax's `jax_platforms` config)
   names only "cpu", or it is unset and no accelerator plugin is installed."""
   platforms = os.environ.get("JAX_PLATFORMS", "")
-  if not platforms:
+  if not platforms and "jax" in sys.modules:
     try:
       import jax
       platforms = jax.config.jax_platforms or ""
@@ -80,16 +84,23 @@ def cpu_only() -> bool:
 def retain_freed_memory() -> bool:
   """Sets the glibc malloc options above; returns True if they are in effect.
 
-  Returns False (and changes nothing) without glibc, and logs a warning and returns False when
-  jax's backends already exist (too late for their threads). Idempotent."""
+  Returns False (and changes nothing) without glibc (not Linux, musl) or with another malloc
+  preloaded (LD_PRELOAD; its `mallopt` accepts anything), and logs a warning and returns False
+  when jax's backends already exist (too late for their threads). Idempotent."""
   global _applied
   if _applied:
     return True
+  preload = os.environ.get("LD_PRELOAD", "").lower()
+  if any(name in preload for name in _OTHER_ALLOCATORS):
+    log.info("host memory: another malloc is preloaded (LD_PRELOAD), left as it is")
+    return False
+  if not sys.platform.startswith("linux"):
+    return False
   try:
     libc = ctypes.CDLL(None)
     mallopt = libc.mallopt
     libc.gnu_get_libc_version  # noqa: B018 - glibc only
-  except (OSError, AttributeError):
+  except (OSError, AttributeError, TypeError):
     log.info("host memory: not glibc, malloc left as it is")
     return False
   if _backends_initialized():
@@ -108,7 +119,11 @@ def configure(mode: str = "auto") -> bool:
   always, "system" = leave malloc as it is. Returns whether freed memory is retained."""
   if mode not in MODES:
     raise ValueError(f"host memory mode must be one of {', '.join(MODES)}; got {mode!r}")
-  if mode == "system" or (mode == "auto" and not cpu_only()):
+  if mode == "system":
+    return False
+  if mode == "auto" and not cpu_only():
+    log.info("host memory: jax may use an accelerator (JAX_PLATFORMS=%r, plugins %s), malloc "
+             "left as it is", os.environ.get("JAX_PLATFORMS", ""), accelerator_plugins())
     return False
   done = retain_freed_memory()
   if done:
