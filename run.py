@@ -27,6 +27,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from fgjax.train import hostmem  # stdlib only: jax's backend does not start here
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/x.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
@@ -41,7 +43,7 @@ _COORD = flags.DEFINE_string("coordinator_address", None, "Multi-host coordinato
 _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 _HOST_MEMORY = flags.DEFINE_enum(
-    "host_memory", "auto", ["auto", "retain", "system"],
+    "host_memory", "auto", list(hostmem.MODES),
     "XLA:CPU step buffers: 'retain' keeps freed memory for the next step instead of returning "
     "it to the kernel (glibc malloc options; ~20% faster CPU train steps), 'auto' does so when "
     "jax runs on the CPU only, 'system' leaves malloc alone. See fgjax/train/hostmem.py.")
@@ -65,7 +67,7 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                       datefmt="%H:%M:%S")
   logging.getLogger("absl").setLevel(logging.WARNING)
-  from fgjax.train import distributed, hostmem
+  from fgjax.train import distributed
   hostmem.configure(_HOST_MEMORY.value)  # before jax creates a backend
   distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
 

@@ -43,6 +43,7 @@ if str(_ROOT) not in sys.path:
   sys.path.insert(0, str(_ROOT))
 
 from benchmarks import common  # noqa: E402  (stdlib only: safe before the thread setup)
+from fgjax.train import hostmem  # noqa: E402  (no jax import: safe before the thread setup)
 
 # jax, torch, timm and fgjax are imported in `main` after `common.configure_threads`.
 
@@ -110,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "(explicit --iters/--warmup/--batch win)")
   p.add_argument("--json", metavar="OUT", default=None, help="also write results as JSON")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--host-memory", choices=("auto", "retain", "system"), default="auto",
+  p.add_argument("--host-memory", choices=hostmem.MODES, default="auto",
                  help="glibc malloc keeps XLA:CPU's freed step buffers ('auto': on the CPU, "
                  "as run.py does; applies to both frameworks in the process)")
   args = p.parse_args(argv)
@@ -270,7 +271,6 @@ def main(argv=None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   threads = common.configure_threads(args.threads, platform_name=platform_name)
   args.threads = threads.threads
-  from fgjax.train import hostmem  # pylint: disable=import-outside-toplevel
   retained = hostmem.configure(args.host_memory)  # before jax's backend, as run.py
 
   import jax  # noqa: E402  pylint: disable=import-outside-toplevel

@@ -47,6 +47,7 @@ if str(_ROOT) not in sys.path:
   sys.path.insert(0, str(_ROOT))
 
 from benchmarks import common  # noqa: E402
+from fgjax.train import hostmem  # noqa: E402  (no jax import: safe before the thread setup)
 
 MODELS = {  # key: (label, fgjax name, timm name, img, kind, cpu batch, gpu batch)
     "deit_ti224": ("DeiT-Ti/16", "deit_tiny_distilled_patch16",
@@ -87,7 +88,7 @@ def parse_args(argv=None):
   p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                  help="alternate fgjax and torch steps (default: on for CPU, off for GPU)")
   p.add_argument("--peak-tflops", type=float, default=None)
-  p.add_argument("--host-memory", choices=("auto", "retain", "system"), default="auto",
+  p.add_argument("--host-memory", choices=hostmem.MODES, default="auto",
                  help="glibc malloc keeps XLA:CPU's freed step buffers ('auto': on the CPU, "
                  "as run.py does; applies to both frameworks in the process)")
   a = p.parse_args(argv)
@@ -343,7 +344,6 @@ def main(argv=None):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   threads = common.configure_threads(args.threads,
                                      platform_name="cpu" if args.device == "cpu" else None)
-  from fgjax.train import hostmem
   retained = hostmem.configure(args.host_memory)  # before jax creates its backend, as run.py
   import jax
   import numpy as np

@@ -16,10 +16,7 @@ import pytest
 from fgjax.train import hostmem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-try:
-  _GLIBC = os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
-except (AttributeError, ValueError, OSError):
-  _GLIBC = False
+_GLIBC = hostmem.has_glibc()
 
 
 def _thp_always():

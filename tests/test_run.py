@@ -13,7 +13,7 @@ import data_fixtures as fx
 from configs import demo, trs_deit_cars, trs_deit_cub, trs_deit_dogs
 from fgjax import data as fgdata
 from fgjax import teachers
-from fgjax.train import logs, trainer
+from fgjax.train import hostmem, logs, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +66,7 @@ def test_demo_runlocal_every_mode(tmp_path):
   assert 0 < test_rows[-1]["part_hit_chance"] < 0.5
   assert list((w / "visualize").glob("*_regions.png")), "the demo writes region PNGs"
   assert "teacher" in proc.stderr + proc.stdout
-  if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+  if hostmem.has_glibc():
     assert "host memory: freed memory is kept" in proc.stderr  # --host_memory=auto on the CPU
 
   _ok(_run("--mode=eval", f"--workdir={w}"))

@@ -42,6 +42,16 @@ _applied = False
 _OTHER_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc", "hoard", "tbbmalloc")
 
 
+def has_glibc() -> bool:
+  """Whether this process runs on glibc (Linux), whose malloc has these options."""
+  if not sys.platform.startswith("linux"):
+    return False
+  try:
+    return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+  except (AttributeError, ValueError, OSError):
+    return False
+
+
 def _backends_initialized() -> bool:
   if "jax" not in sys.modules:
     return False
@@ -94,15 +104,10 @@ def retain_freed_memory() -> bool:
   if any(name in preload for name in _OTHER_ALLOCATORS):
     log.info("host memory: another malloc is preloaded (LD_PRELOAD), left as it is")
     return False
-  if not sys.platform.startswith("linux"):
-    return False
-  try:
-    libc = ctypes.CDLL(None)
-    mallopt = libc.mallopt
-    libc.gnu_get_libc_version  # noqa: B018 - glibc only
-  except (OSError, AttributeError, TypeError):
+  if not has_glibc():
     log.info("host memory: not glibc, malloc left as it is")
     return False
+  mallopt = ctypes.CDLL(None).mallopt
   if _backends_initialized():
     log.warning("host memory: jax's backends already exist; call fgjax.train.hostmem."
                 "configure() before the first jax computation for it to take effect")
