@@ -88,10 +88,22 @@ def parse_args(argv=None):
   p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                  help="alternate fgjax and torch steps (default: on for CPU, off for GPU)")
   p.add_argument("--peak-tflops", type=float, default=None)
+  p.add_argument("--batch-chains", default="auto",
+                 help="ViT models' batch_chains: 'auto' (the model default: 2 on one CPU "
+                 "device, else 1) or a count; 1 turns the CPU chains off")
   p.add_argument("--host-memory", choices=hostmem.MODES, default="auto",
                  help="glibc malloc keeps XLA:CPU's freed step buffers ('auto': on the CPU, "
                  "as run.py does; applies to both frameworks in the process)")
   a = p.parse_args(argv)
+  if a.batch_chains == "auto":
+    a.batch_chains = None
+  else:
+    try:
+      a.batch_chains = int(a.batch_chains)
+    except ValueError:
+      p.error(f"--batch-chains must be 'auto' or a count >= 1, got {a.batch_chains!r}")
+    if a.batch_chains < 1:
+      p.error(f"--batch-chains must be 'auto' or a count >= 1, got {a.batch_chains}")
   a.model_keys = [m for m in a.models.split(",") if m]
   for m in a.model_keys:
     if m not in MODELS:
@@ -140,7 +152,10 @@ def prepare_fgjax(key, images, labels, args):
 
   label, name, _, img, kind, _, _ = MODELS[key]
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  model, tx, step = make_fgjax_step(name, kind, img, dtype)
+  kw = None
+  if kind in ("deit", "trs", "transfg") and args.batch_chains is not None:
+    kw = {"batch_chains": args.batch_chains}
+  model, tx, step = make_fgjax_step(name, kind, img, dtype, model_kwargs=kw)
   batch = {"image": jax.device_put(images), "label": jax.device_put(labels)}
   variables = dict(jax.jit(model.init)(jax.random.key(0), batch["image"][:1]))
   params = variables.pop("params")  # the rest: BatchNorm statistics (PMG)
@@ -362,9 +377,12 @@ def main(argv=None):
   interleave = args.interleave if args.interleave is not None else not on_gpu
   print("# Train-step speed: fgjax (one jitted step) vs the PyTorch reference\n")
   print(common.format_machine(machine))
+  from fgjax.models import vit
+  chains = (f"auto ({vit.batch_chains_for(None, 2)} for an even batch)"
+            if args.batch_chains is None else args.batch_chains)
   print(f"config:   dtype {args.dtype}, AdamW, {NUM_CLASSES} classes, median of {args.iters} "
         f"after {args.warmup} warm-up steps{' (steps interleaved)' if interleave else ''}, "
-        f"threads {threads.threads}, host memory "
+        f"threads {threads.threads}, ViT batch chains {chains}, host memory "
         f"{'retained' if retained else 'system malloc'}, torch "
         f"{'compiled' if args.compile else 'eager'} on {torch_device or 'skipped'}\n", flush=True)
   rng = np.random.default_rng(0)

@@ -372,6 +372,69 @@ def test_remat_same_parameters_loss_and_gradients():
   assert len(aux["attention"]) == 3 and aux["selected"].shape == (2, 3)
 
 
+def test_batch_chains_same_function_outputs_and_gradients(monkeypatch):
+  """The blocks as 2 or 4 independent chains over the batch: the same logits, aux entries
+  (rollout selection, attention, block tokens) and gradients as one chain."""
+  from fgjax.models import vit
+  kw = dict(depth=3, head_zeroinit=False, feature_blocks=(0, 1))
+  x = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
+  one = models.create("trs_deit_tiny_patch16", 5, 64, batch_chains=1, **kw)
+  variables = one.init(jax.random.key(0), x)
+
+  def loss(model, params):
+    logits, aux = model.apply({"params": params}, x, train=True)
+    return jnp.sum(logits ** 2) + jnp.sum(aux["dist_logits"]) + jnp.sum(aux["block_tokens"][0])
+
+  l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(one, p)))(variables["params"])
+  ref_logits, ref_aux = one.apply(variables, x, return_attention=True)
+  count_dots = lambda m, im=x: str(jax.make_jaxpr(lambda v: m.apply(v, im))(variables)).count(
+      "dot_general")
+  for n in (2, 4):
+    chained = one.clone(batch_chains=n)
+    assert count_dots(chained) > count_dots(one)  # really split: more (smaller) products
+    logits, aux = chained.apply(variables, x, return_attention=True)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
+    assert jax.tree.structure(aux) == jax.tree.structure(ref_aux)
+    np.testing.assert_array_equal(np.asarray(aux["selected"]), np.asarray(ref_aux["selected"]))
+    for a, b in zip(jax.tree.leaves(aux), jax.tree.leaves(ref_aux)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    l2, g2 = jax.jit(jax.value_and_grad(lambda p: loss(chained, p)))(variables["params"])
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):  # float summation order only
+      scale = float(jnp.abs(b).max()) + 1e-12
+      np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, atol=1e-5)
+  # A batch the chain count does not divide (init on one example, 3 here) runs as one chain.
+  assert count_dots(one.clone(batch_chains=2), x[:3]) == count_dots(one, x[:3])
+  assert vit.batch_chains_for(4, 3) == 1 and vit.batch_chains_for(2, 1) == 1
+  # Auto: 2 on the CPU with a single device, 1 with several (this test process has 8).
+  assert jax.device_count() > 1 and vit.batch_chains_for(None, 4) == 1
+  monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+  assert vit.batch_chains_for(None, 4) == 2 and vit.batch_chains_for(None, 3) == 1
+  for bad in (0, -1, 2.0, "auto", True):
+    with pytest.raises(ValueError, match="batch_chains"):
+      vit.batch_chains_for(bad, 4)
+
+
+def test_batch_chains_on_a_batch_sharded_over_devices():
+  """With the batch sharded over 8 devices the interleaved chains stay on their devices; the
+  result equals one chain."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  model = models.create("deit_tiny_distilled_patch16", 5, 32, patch_size=8, depth=2,
+                        head_zeroinit=False, batch_chains=1)
+  x = jax.random.normal(jax.random.key(2), (16, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x[:1])
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+  out1 = jax.jit(lambda v, im: model.apply(v, im)[0])(variables, xs)
+  chained = jax.jit(lambda v, im: model.clone(batch_chains=2).apply(v, im)[0])
+  out2 = chained(variables, xs)
+  assert out2.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 2)
+  hlo = chained.lower(variables, xs).compile().as_text()
+  for collective in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
+    assert collective not in hlo, collective  # no data moves between devices
+  np.testing.assert_allclose(np.asarray(out2), np.asarray(out1), atol=1e-5)
+
+
 def test_gelu_gradient_equals_autodiff_of_erf_formula():
   from fgjax.models.vit import gelu_exact
   x = jnp.linspace(-8.0, 8.0, 4001)

@@ -34,6 +34,9 @@ They mirror timm's state-dict names so that conversion is a transparent rename.
 
 `dtype` is the compute dtype (float32 or bfloat16); parameters are stored in `param_dtype`
 (float32). Softmax and LayerNorm statistics are computed in float32.
+
+On a single CPU device the blocks run as two independent chains over the batch
+(`batch_chains`, `batch_chains_for`): same function and parameters, both cores kept busy.
 """
 from __future__ import annotations
 
@@ -249,6 +252,35 @@ def grid_size(img_size: int | Sequence[int], patch_size: int, patch_stride: int)
   return tuple(out)
 
 
+def batch_chains_for(requested: Optional[int], batch: int) -> int:
+  """How many independent chains `VisionTransformer` runs its blocks as, for `batch` examples.
+
+  `requested` None (auto): 2 on XLA:CPU with a single device and an even batch, else 1. An int
+  n >= 1 is used when it divides the batch, else 1 (e.g. `init` on one example). See
+  `VisionTransformer.batch_chains`.
+  """
+  if requested is None:
+    auto = jax.default_backend() == "cpu" and jax.device_count() == 1
+    n = 2 if auto else 1
+  else:
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+      raise ValueError(f"batch_chains must be None (auto) or an int >= 1, got {requested!r}")
+    n = requested
+  return n if batch % n == 0 else 1
+
+
+def _split_chains(x, n: int):
+  """(B, ...) -> n arrays (B/n, ...): chain j takes examples j, j + n, ... (interleaved, so a
+  batch sharded over devices in contiguous blocks stays on its devices)."""
+  x = x.reshape(x.shape[0] // n, n, *x.shape[1:])
+  return [x[:, j] for j in range(n)]
+
+
+def _merge_chains(*xs):
+  """Inverse of `_split_chains`."""
+  return jnp.stack(xs, axis=1).reshape(-1, *xs[0].shape[1:])
+
+
 class VisionTransformer(nn.Module):
   """ViT / DeiT classifier. See the module docstring for inputs, outputs and names."""
   num_classes: int
@@ -274,6 +306,13 @@ class VisionTransformer(nn.Module):
   # Rematerialise every block (jax.checkpoint): activations are recomputed in the backward
   # pass instead of stored, trading ~30% more compute for much less memory. Same parameters.
   remat: bool = False
+  # The blocks run as this many independent chains over interleaved slices of the batch, each
+  # example in exactly one chain (same function; gradients equal up to float summation order).
+  # On XLA:CPU this keeps both cores busy where single ops do not: the attention's
+  # (T, T) x (T, head_dim) products run on one core, and the other chain's work fills the
+  # other (DeiT-Ti train step 6-7% faster on 2 cores). None = auto: 2 on the CPU with one
+  # device (`batch_chains_for`), 1 elsewhere (GPU/TPU kernels gain nothing from it).
+  batch_chains: Optional[int] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -350,22 +389,34 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"region_selection must be None, 'trs' or 'cls_row', got "
                        f"{self.region_selection!r}")
     x = self.embed(images, train=train)
+    blocks = [self.make_block(i) for i in range(self.depth)]
+    n = batch_chains_for(self.batch_chains, x.shape[0])
+    if n == 1:
+      x, aux = self.run_blocks(blocks, x, train, return_attention)
+    else:
+      outs = [self.run_blocks(blocks, c, train, return_attention) for c in _split_chains(x, n)]
+      x = _merge_chains(*[o[0] for o in outs])
+      aux = jax.tree.map(_merge_chains, *[o[1] for o in outs])
+    logits = self.classify(x, aux)
+    return logits, aux
+
+  def run_blocks(self, blocks, x, train: bool, return_attention: bool):
+    """The blocks (with region selection before the last) on tokens `x` -> (x, aux)."""
     aux: dict[str, Any] = {}
     attentions = []
     select = self.region_selection is not None
-    for i in range(self.depth):
+    for i, block in enumerate(blocks):
       if select and i == self.depth - 1:
         x = self.select_regions(x, attentions, aux)
       need = return_attention or (select and i < self.depth - 1)
-      x, probs = self.make_block(i)(x, train, need)
+      x, probs = block(x, train, need)
       if need:
         attentions.append(probs)
       if i in self.feature_blocks:
         aux.setdefault("block_tokens", []).append(x[:, self.num_prefix_tokens:])
     if return_attention:
       aux["attention"] = attentions
-    logits = self.classify(x, aux)
-    return logits, aux
+    return x, aux
 
   def select_regions(self, x, attentions, aux):
     """Keeps the prefix tokens and one patch per head (argmax of the rollout score).
