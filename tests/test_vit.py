@@ -406,13 +406,51 @@ def test_batch_chains_same_function_outputs_and_gradients(monkeypatch):
   # A batch the chain count does not divide (init on one example, 3 here) runs as one chain.
   assert count_dots(one.clone(batch_chains=2), x[:3]) == count_dots(one, x[:3])
   assert vit.batch_chains_for(4, 3) == 1 and vit.batch_chains_for(2, 1) == 1
-  # Auto: 2 on the CPU with a single device, 1 with several (this test process has 8).
+  # Auto: 2 on the CPU with a single device and 2+ cores, 1 with several devices (this test
+  # process has 8) or one core.
   assert jax.device_count() > 1 and vit.batch_chains_for(None, 4) == 1
   monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+  monkeypatch.setattr(vit, "_usable_cpus", lambda: 2)
   assert vit.batch_chains_for(None, 4) == 2 and vit.batch_chains_for(None, 3) == 1
+  monkeypatch.setattr(vit, "_usable_cpus", lambda: 1)
+  assert vit.batch_chains_for(None, 4) == 1
+  assert vit.batch_chains_for(np.int64(2), 4) == 2
   for bad in (0, -1, 2.0, "auto", True):
     with pytest.raises(ValueError, match="batch_chains"):
       vit.batch_chains_for(bad, 4)
+  # PMG on a DeiT passes the ViT options to its backbone.
+  pmg = models.create("pmg_deit_tiny", 5, 64, depth=3, batch_chains=1, remat=True)
+  assert pmg.backbone.batch_chains == 1 and pmg.backbone.remat
+
+
+def test_batch_chains_draw_their_own_dropout_masks_and_remat_agrees():
+  """In training each chain draws its own dropout/drop-path masks (two identical images in
+  different chains come out different), deterministically per rng, and remat (which replays
+  the masks in the backward pass) gives the same loss and gradients as no remat."""
+  kw = dict(depth=3, head_zeroinit=False, drop_rate=0.1, drop_path_rate=0.2, batch_chains=2)
+  plain = models.create("trs_deit_tiny_patch16", 5, 64, **kw)
+  remat = models.create("trs_deit_tiny_patch16", 5, 64, remat=True, **kw)
+  x = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
+  x = x.at[1].set(x[0])  # examples 0 and 1 land in chains 0 and 1
+  variables = plain.init(jax.random.key(0), x)
+
+  def loss(model, params, seed):
+    logits, aux = model.apply({"params": params}, x, train=True,
+                              rngs={"dropout": jax.random.key(seed)})
+    return jnp.sum(logits ** 2) + jnp.sum(aux["dist_logits"]), logits
+
+  (l1, logits), g1 = jax.jit(jax.value_and_grad(lambda p: loss(plain, p, 3), has_aux=True))(
+      variables["params"])
+  assert not np.allclose(np.asarray(logits[0]), np.asarray(logits[1]))
+  (l2, _), g2 = jax.jit(jax.value_and_grad(lambda p: loss(remat, p, 3), has_aux=True))(
+      variables["params"])
+  np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
+    scale = float(jnp.abs(b).max()) + 1e-12
+    np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale, atol=1e-5)
+  again = loss(plain, variables["params"], 3)[0]
+  np.testing.assert_allclose(float(again), float(l1), rtol=1e-6)
+  assert abs(float(loss(plain, variables["params"], 4)[0]) - float(l1)) > 1e-6
 
 
 def test_batch_chains_on_a_batch_sharded_over_devices():

@@ -102,6 +102,10 @@ def _pmg_resnet_factory(depth: int):
   return make
 
 
+_PMG_DEIT_BACKBONE_KWARGS = ("batch_chains", "remat", "drop_rate", "attn_drop_rate",
+                             "drop_path_rate")
+
+
 def _pmg_deit_factory(variant: str):
   """PMG heads on the patch tokens of a DeiT (no distillation token) after blocks L/3, 2L/3, L,
   reshaped to the patch grid."""
@@ -113,8 +117,10 @@ def _pmg_deit_factory(variant: str):
     d = args["depth"]
     blocks = tuple(feature_blocks or (d // 3 - 1, 2 * d // 3 - 1, d - 1))
     dt = {} if dtype is None else {"dtype": dtype}
+    # ViT options go to the backbone, the rest (feature_size, ...) to the PMG heads.
+    vit_kw = {k: kw.pop(k) for k in _PMG_DEIT_BACKBONE_KWARGS if k in kw}
     backbone = vit.VisionTransformer(num_classes=0, img_size=img_size, distilled=False,
-                                     feature_blocks=blocks, **args, **dt)
+                                     feature_blocks=blocks, **args, **dt, **vit_kw)
     return pmg.PMG(num_classes=num_classes, backbone=backbone, **dt, **kw)
   return make
 

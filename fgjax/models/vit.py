@@ -41,6 +41,8 @@ On a single CPU device the blocks run as two independent chains over the batch
 from __future__ import annotations
 
 import dataclasses
+import operator
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -252,26 +254,37 @@ def grid_size(img_size: int | Sequence[int], patch_size: int, patch_stride: int)
   return tuple(out)
 
 
+def _usable_cpus() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):  # not Linux
+    return os.cpu_count() or 1
+
+
 def batch_chains_for(requested: Optional[int], batch: int) -> int:
   """How many independent chains `VisionTransformer` runs its blocks as, for `batch` examples.
 
-  `requested` None (auto): 2 on XLA:CPU with a single device and an even batch, else 1. An int
-  n >= 1 is used when it divides the batch, else 1 (e.g. `init` on one example). See
-  `VisionTransformer.batch_chains`.
+  `requested` None (auto): 2 on XLA:CPU with a single device, at least 2 usable cores and an
+  even batch, else 1. An int n >= 1 is used when it divides the batch, else 1 (e.g. `init` on
+  one example). See `VisionTransformer.batch_chains`.
   """
   if requested is None:
-    auto = jax.default_backend() == "cpu" and jax.device_count() == 1
+    auto = (jax.default_backend() == "cpu" and jax.device_count() == 1
+            and _usable_cpus() >= 2)
     n = 2 if auto else 1
   else:
-    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+    try:
+      n = operator.index(requested) if not isinstance(requested, bool) else 0
+    except TypeError:
+      n = 0
+    if n < 1:
       raise ValueError(f"batch_chains must be None (auto) or an int >= 1, got {requested!r}")
-    n = requested
   return n if batch % n == 0 else 1
 
 
 def _split_chains(x, n: int):
   """(B, ...) -> n arrays (B/n, ...): chain j takes examples j, j + n, ... (interleaved, so a
-  batch sharded over devices in contiguous blocks stays on its devices)."""
+  batch sharded over devices in contiguous blocks whose size n divides stays on its devices)."""
   x = x.reshape(x.shape[0] // n, n, *x.shape[1:])
   return [x[:, j] for j in range(n)]
 
@@ -307,11 +320,12 @@ class VisionTransformer(nn.Module):
   # pass instead of stored, trading ~30% more compute for much less memory. Same parameters.
   remat: bool = False
   # The blocks run as this many independent chains over interleaved slices of the batch, each
-  # example in exactly one chain (same function; gradients equal up to float summation order).
+  # example in exactly one chain (same function: outputs and gradients equal up to float
+  # summation order; in training, dropout and drop-path draw other random masks per chain).
   # On XLA:CPU this keeps both cores busy where single ops do not: the attention's
   # (T, T) x (T, head_dim) products run on one core, and the other chain's work fills the
   # other (DeiT-Ti train step 6-7% faster on 2 cores). None = auto: 2 on the CPU with one
-  # device (`batch_chains_for`), 1 elsewhere (GPU/TPU kernels gain nothing from it).
+  # device and 2+ cores (`batch_chains_for`), 1 elsewhere (GPU/TPU kernels gain nothing).
   batch_chains: Optional[int] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
