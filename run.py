@@ -81,7 +81,11 @@ def main(argv):
     if _MODE.value == "train":
       if config is None:
         raise ValueError("--config is required for training (e.g. --config=configs/demo.py)")
-      trainer.train_and_evaluate(config, workdir)
+      result = trainer.train_and_evaluate(config, workdir)
+      n_vis = int(config.get("visualize_examples", 0) or 0)
+      if n_vis and "selected" in result:  # a finished run (not one stopped by a signal)
+        modes.visualize(workdir, [], num_images=n_vis, which=result["selected"],
+                        required=False)
     elif _MODE.value == "eval":
       modes.evaluate_checkpoint(workdir, config, which=_CHECKPOINT.value)
     elif _MODE.value == "predict":

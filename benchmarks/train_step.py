@@ -119,28 +119,31 @@ def make_fgjax_step(name: str, kind: str, img: int, dtype, model_kwargs=None):
   vars, loss) runs one training step of `kind` ("deit": CE on the logits; "trs", "transfg",
   "pmg", "cal": the method's own loss, PMG's S + 1 updates in sequence as in the trainer) with
   AdamW (lr 1e-4, wd 0.05)."""
+  import jax
   import optax
   from configs import common as cfgs
   from fgjax import losses, methods, models
-  from fgjax.train import trainer
+  from fgjax.train import setup, step as step_lib
 
   model = models.create(name, NUM_CLASSES, img, dtype=dtype, **(model_kwargs or {}))
   tx = optax.adamw(1e-4, weight_decay=0.05)
   if kind == "deit":
-    def ce(p, e, b, r):
-      logits, _ = model.apply({"params": p}, b["image"], train=True, rngs={"dropout": r})
-      return losses.cross_entropy(logits, b["label"]), ({}, e)
-    loss_fns = [ce]
+    def ce(p, e, ctx):
+      logits, _ = model.apply({"params": p}, ctx.batch["image"], train=True,
+                              rngs={"dropout": ctx.rng})
+      return losses.cross_entropy(logits, ctx.batch["label"]), ({}, e)
+    updates = (methods.Update(ce),)
   else:
-    cfg = cfgs.base_config()
-    cfg.method = {"trs": "trs_deit"}.get(kind, kind)
+    cfg = cfgs.base_config({"trs": "trs_deit"}.get(kind, kind))
     cfg.model.name, cfg.model.img_size = name, img
-    method = methods.get_method(cfg, model, NUM_CLASSES)
-    loss_fns = trainer.method_losses(method)
+    updates = methods.get_method(cfg, model, NUM_CLASSES).phases()[0].updates
 
   def step(p, o, extra, batch, rng):  # the trainer's update loop (without its bookkeeping)
-    p, o, extra, loss, _, _ = trainer.apply_updates(loss_fns, tx, p, o, extra, batch, rng)
-    return p, o, extra, loss
+    everything = jax.tree.map(lambda _: True, p)  # one optimizer over all parameters
+    optimizers = {"default": setup.BuiltOptimizer(tx, everything, None, {})}
+    p, o, extra, loss, _, _ = step_lib.apply_updates(updates, optimizers, p, {"default": o},
+                                                     extra, batch, rng)
+    return p, o["default"], extra, loss
 
   return model, tx, step
 

@@ -20,8 +20,7 @@ from configs import common
 def cal_config(arg, *, dataset: str, data_dir: str, backbone: str = "resnet101",
                epochs: int = 160):
   args = common.parse_arg(arg, runlocal=False)
-  c = common.base_config()
-  c.method = "cal"
+  c = common.base_config("cal")
   c.model.name = f"cal_{backbone}"
   c.model.img_size = 448
   c.model.kwargs = dict(num_attentions=32)
@@ -45,7 +44,7 @@ def cal_config(arg, *, dataset: str, data_dir: str, backbone: str = "resnet101",
   c.optim.decay_every_epochs = 2
   c.optim.decay_rate = 0.9
   c.optim.warmup_steps = 0
-  c.cal = dict(center_beta=5e-2, crop_theta=(0.4, 0.6), drop_theta=(0.2, 0.5), crop_padding=0.1)
+  # c.cal: the reference's values are the method's defaults (fgjax/methods/cal.py).
   c.log_every_steps = 50
   c.eval_every_epochs = 10
   c.checkpoint_every_epochs = 1

@@ -5,7 +5,7 @@ r"""CAL (WS-DAN + counterfactual attention), ResNet-50, on CUB (recipe: configs/
       --config.init_from=/path/to/resnet50.safetensors --workdir=runs/cal_resnet50_cub
 
 As a TRS-DeiT teacher: `--config.teacher.checkpoint=runs/cal_resnet50_cub` in
-configs/trs_deit_cub.py (README, Distillation). Arguments: `runlocal` (ResNet-18, 4 maps,
+configs/trs_deit_cub.py (docs/training.md, Distillation). Arguments: `runlocal` (ResNet-18, 4 maps,
 64 px, 2 steps).
 """
 from configs.cal_common import cal_config

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from fgjax import methods
+
 
 def parse_arg(arg: str | None, **defaults):
   """'runlocal,variant=B' -> ConfigDict(runlocal=True, variant='B'), typed like `defaults`."""
@@ -26,11 +28,12 @@ def parse_arg(arg: str | None, **defaults):
   return out
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Defaults every experiment starts from; experiment configs override what they need."""
+def base_config(method: str = "classifier") -> ml_collections.ConfigDict:
+  """The keys every method shares, plus the config sections of `method` with the defaults its
+  module declares (`fgjax.methods.sections`); experiment configs override what they need."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.method = "classifier"
+  c.method = method
   c.model = ml_collections.ConfigDict(dict(name="deit_small_distilled_patch16", img_size=224,
                                            dtype="float32", kwargs={}))
   c.init_from = ""
@@ -53,12 +56,6 @@ def base_config() -> ml_collections.ConfigDict:
       decay_rate=0.1, end_lr_factor=0.0, backbone_lr_mult=1.0, new_layers=("head.*",)))
   c.label_smoothing = 0.0
   c.ema_decay = 0.0
-  c.trs = ml_collections.ConfigDict(dict(alpha=0.5, beta=0.4, contrastive=True))
-  c.transfg = ml_collections.ConfigDict(dict(margin=0.4, contrastive=True))
-  c.cal = ml_collections.ConfigDict(dict(center_beta=5e-2, crop_theta=(0.4, 0.6),
-                                         drop_theta=(0.2, 0.5), crop_padding=0.1))
-  c.teacher = ml_collections.ConfigDict(dict(checkpoint="", predictions="",
-                                             train_first=None))
   c.log_every_steps = 50
   c.eval_every_steps = None
   c.eval_every_epochs = None
@@ -67,6 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.visualize_examples = 0  # region PNGs of the first N test images after training
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  for key, defaults in methods.sections(method).items():
+    c[key] = ml_collections.ConfigDict(defaults)
   return c
 
 

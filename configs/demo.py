@@ -14,8 +14,8 @@ One command, two phases in one workdir (default runs/demo):
 The data: the synthetic birds (fgjax.data.synthetic), 20 classes that differ only in the
 colours of three parts (beak, crest, throat), in the demo variant `part_scale=4, decoys=False`
 (each part about one 12 px patch; the default variant's parts are a third of a patch, among
-decoys, and a ViT trained from scratch stays at chance on it in this budget: README, The demo).
-Measured (README, The demo): teacher 100%, student about 90% top-1, and about 60% of the
+decoys, and a ViT trained from scratch stays at chance on it in this budget: docs/demo.md).
+Measured (docs/demo.md): teacher 100%, student about 90% top-1, and about 60% of the
 patches TRS selects lie on a part, against about 10% for patches picked at random.
 Evaluation reports top-1/top-5/mean per-class accuracy, the part-hit rate (the share of the
 selected patches whose centre lies in a part box) and its chance level. Region PNGs:
@@ -28,19 +28,18 @@ def get_config(arg=None):
   args = common.parse_arg(arg, runlocal=False, trs=True, classes=20, teacher="cnn")
   if args.teacher not in ("cnn", "cal", "none"):
     raise ValueError(f"configs/demo.py: teacher must be cnn, cal or none, got {args.teacher!r}")
-  c = common.base_config()
+  c = common.base_config("trs_deit")
   c.seed = 0
-  c.method = "trs_deit"
   c.model.name = "trs_deit_tiny_patch16"
   c.model.img_size = 96
   # One batch chain (not the CPU default of 2, see fgjax.models.vit.batch_chains_for): this
   # tiny, short run gains nothing from it (its compile time grows as much as its steps shrink)
-  # and the README's numbers were measured with one; which patches the student learns to
-  # select depends on float summation order (README, The demo).
+  # and docs/demo.md's numbers were measured with one; which patches the student learns to
+  # select depends on float summation order (docs/demo.md).
   c.model.kwargs = dict(patch_size=12, width=96, depth=6, num_heads=3,
                         region_selection="trs" if args.trs else None, batch_chains=1)
   c.data.name = "synthetic"
-  # The demo variant of the birds: parts 4x the default area, no decoys (README, The demo).
+  # The demo variant of the birds: parts 4x the default area, no decoys (docs/demo.md).
   c.data.source_kwargs = dict(num_classes=args.classes, image_size=112, cache=True,
                               part_scale=4.0, decoys=False)
   c.data.split_kwargs = {"train": dict(num_examples=200 * args.classes)}
@@ -62,9 +61,8 @@ def get_config(arg=None):
   c.checkpoint_every_steps = 200
   c.visualize_examples = 8
 
-  t = common.base_config()
+  t = common.base_config("cal" if args.teacher == "cal" else "classifier")
   t.seed = 1
-  t.method = "classifier"
   t.model.name = "cnn_small"
   t.model.img_size = 96
   # Global max pooling keeps a small part's evidence (with mean pooling this CNN stays at
@@ -83,7 +81,6 @@ def get_config(arg=None):
   t.checkpoint_every_steps = 400
   if args.teacher == "cal":
     # CAL (WS-DAN + counterfactual attention) on the same small CNN, as the paper's teacher.
-    t.method = "cal"
     t.model.name = "cal_cnn_small"
     t.model.kwargs = dict(widths=(16, 32, 64, 128), convs_per_stage=1, stem_stride=2,
                           num_attentions=32)

@@ -17,8 +17,7 @@ from configs import common
 def pmg_config(arg, *, dataset: str, data_dir: str, backbone: str = "resnet50",
                epochs: int = 200):
   args = common.parse_arg(arg, runlocal=False)
-  c = common.base_config()
-  c.method = "pmg"
+  c = common.base_config("pmg")
   c.model.name = f"pmg_{backbone}"
   c.model.img_size = 448
   c.model.kwargs = {}
@@ -40,7 +39,7 @@ def pmg_config(arg, *, dataset: str, data_dir: str, backbone: str = "resnet50",
   c.optim.new_layers = ("conv_block.*", "classifier.*")
   c.optim.backbone_lr_mult = 0.1
   c.optim.no_decay = ()
-  c.pmg = dict(jigsaw=(8, 4, 2), concat_weight=2.0)
+  # c.pmg: jigsaw (8, 4, 2) and concat weight 2 are the method's defaults (fgjax/methods/pmg.py).
   c.log_every_steps = 50
   c.eval_every_epochs = 10
   c.checkpoint_every_epochs = 1

@@ -1,4 +1,4 @@
-r"""PMG vs plain cross-entropy on the synthetic birds (CPU-sized evidence, README: PMG).
+r"""PMG vs plain cross-entropy on the synthetic birds (CPU-sized evidence, docs/demo.md: PMG).
 
   python run.py --config=configs/pmg_synthetic.py                 # PMG heads on cnn_small
   python run.py --config=configs/pmg_synthetic.py:ce=True         # cnn_small, plain CE (mean pool)
@@ -16,18 +16,15 @@ from configs import common
 
 def get_config(arg=None):
   args = common.parse_arg(arg, ce=False, pool="mean", steps=800)
-  c = common.base_config()
+  c = common.base_config("classifier" if args.ce else "pmg")
   c.seed = 1
   if args.ce:
-    c.method = "classifier"
     c.model.name = "cnn_small"
     c.model.kwargs = dict(widths=(16, 32, 64, 128), convs_per_stage=1, stem_stride=2,
                           pool=args.pool)
   else:
-    c.method = "pmg"
     c.model.name = "pmg_cnn_small"
     c.model.kwargs = dict(feature_size=64, stage_features=128)
-    c.pmg = dict(jigsaw=(8, 4, 2), concat_weight=2.0)
   c.model.img_size = 96
   c.data.name = "synthetic"
   c.data.source_kwargs = dict(num_classes=20, image_size=112, cache=True)

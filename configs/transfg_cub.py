@@ -28,8 +28,7 @@ from configs import common
 
 def get_config(arg=None):
   args = common.parse_arg(arg, runlocal=False, variant="base")
-  c = common.base_config()
-  c.method = "transfg"
+  c = common.base_config("transfg")
   c.model.name = f"transfg_{args.variant}_patch16"
   c.model.img_size = 448
   c.model.kwargs = dict(patch_stride=12, region_selection="cls_row", remat=False)
@@ -52,7 +51,6 @@ def get_config(arg=None):
   c.optim.warmup_steps = 500
   c.optim.clip_norm = 1.0
   c.label_smoothing = 0.0
-  c.transfg.margin = 0.4
   c.log_every_steps = 50
   c.eval_every_steps = 1000
   c.checkpoint_every_steps = 1000

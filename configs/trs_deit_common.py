@@ -20,8 +20,7 @@ from configs import common
 
 def trs_deit_config(arg, *, dataset: str, data_dir: str, lr: float, alpha: float):
   args = common.parse_arg(arg, runlocal=False, variant="base", trs=True)
-  c = common.base_config()
-  c.method = "trs_deit"
+  c = common.base_config("trs_deit")
   c.model.name = f"trs_deit_{args.variant}_patch16"
   c.model.img_size = 448
   c.model.kwargs = dict(drop_path_rate=0.1, region_selection="trs" if args.trs else None,
@@ -43,10 +42,9 @@ def trs_deit_config(arg, *, dataset: str, data_dir: str, lr: float, alpha: float
   c.optim.warmup_init_lr_factor = 1e-3
   c.optim.decay_every_epochs = 30
   c.optim.decay_rate = 0.1
-  c.trs.alpha = alpha
-  c.trs.beta = 0.4
-  c.teacher.checkpoint = ""   # an fgjax teacher workdir (CAL or TransFG), run frozen online
-  c.teacher.predictions = ""  # or its exported predictions (run.py --mode=export_teacher)
+  c.trs.alpha = alpha  # beta 0.4 is the method's default (fgjax/methods/trs_deit.py)
+  # c.teacher.checkpoint: an fgjax teacher workdir (CAL or TransFG), run frozen online;
+  # c.teacher.predictions: or its exported predictions (run.py --mode=export_teacher).
   c.log_every_steps = 50
   c.eval_every_epochs = 10
   c.checkpoint_every_epochs = 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 
 def check_jigsaw_size(height: int, width: int, n: int, patch_size: int | None = None):
@@ -34,10 +35,8 @@ def jigsaw(images: jax.Array, n: int, rng: jax.Array, *,
   check_jigsaw_size(h, w, n, patch_size)
   if n == 1:
     return images
-  ch, cw = h // n, w // n
-  cells = images.reshape(b, n, ch, n, cw, c).transpose(0, 1, 3, 2, 4, 5)
-  cells = cells.reshape(b, n * n, ch, cw, c)
+  # Cells in row-major grid order: cell i * n + j is grid row i, column j.
+  cells = rearrange(images, "b (i ch) (j cw) c -> b (i j) ch cw c", i=n, j=n)
   perm = jnp.argsort(jax.random.uniform(rng, (b, n * n)), axis=1)  # a permutation per image
   cells = jnp.take_along_axis(cells, perm[:, :, None, None, None], axis=1)
-  out = cells.reshape(b, n, n, ch, cw, c).transpose(0, 1, 3, 2, 4, 5)
-  return out.reshape(b, h, w, c)
+  return rearrange(cells, "b (i j) ch cw c -> b (i ch) (j cw) c", i=n, j=n)

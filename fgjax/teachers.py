@@ -1,13 +1,15 @@
-"""Teachers for hard distillation (DeiT / TRS-DeiT): online, offline, or none.
+"""Teachers for hard distillation (DeiT / TRS-DeiT): online or offline.
 
-`config.teacher` options (the first that is set wins):
+The frozen helper of the `trs_deit` method (`fgjax.methods.trs_deit.TeacherHelper`) builds
+its teacher here. `config.teacher` options (the first that is set wins):
   checkpoint:  an fgjax workdir (its best, else last, checkpoint) or an fgjax params `.npz`
                (`python -m fgjax.tools.convert`, with its metadata). The teacher runs frozen
                inside the jitted train step on the student's (augmented) batch; its argmax is
                y_t. Its input size may differ: images are resized on device.
   predictions: a file written by `run.py --mode=export_teacher` (npz with `ids` and `logits`):
                y_t is looked up by example id; every training id must be present.
-  (neither):   no teacher; the distillation head is trained on the ground truth (logged).
+  (neither):   no teacher (the method then has no helper; the distillation head is trained
+               on the ground truth, logged).
 
 Offline predictions are computed on un-augmented training images, so they are an
 approximation of online hard distillation (DeiT computes y_t on the augmented image); they
@@ -23,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fgjax import convert, models
 
 log = logging.getLogger("fgjax")
 
@@ -56,14 +60,17 @@ def _resize_for(images, size):
   return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bilinear")
 
 
-def make_teacher(tcfg, config, mesh, train_source):
-  """Returns (fn(teacher_inputs, batch) -> labels, teacher_inputs, description)."""
+def make_teacher(tcfg, mesh, train_source, restore):
+  """Returns (fn(teacher_inputs, batch) -> labels, teacher_inputs, description).
+
+  `restore(workdir, mesh=...)` -> (config, model, method, variables, info) restores a teacher
+  workdir (the set-up's `restore_model`, passed in by the caller)."""
   repl = NamedSharding(mesh, P())
   num_classes = int(train_source.num_classes)
-  ckpt = tcfg.get("checkpoint") if tcfg else None
-  preds = tcfg.get("predictions") if tcfg else None
+  ckpt = tcfg.get("checkpoint")
+  preds = tcfg.get("predictions")
   if ckpt:
-    model, variables, desc = load_teacher_model(ckpt, num_classes, mesh)
+    model, variables, desc = load_teacher_model(ckpt, num_classes, mesh, restore)
     size = int(model.img_size if isinstance(model.img_size, int) else model.img_size[0])
 
     def fn(variables, batch):
@@ -88,17 +95,14 @@ def make_teacher(tcfg, config, mesh, train_source):
       return table[batch["id"]]
     return fn, jax.device_put(jnp.asarray(table), repl), \
         f"predictions from {preds} ({meta.get('model', '?')})"
-  log.warning("no teacher configured (config.teacher.checkpoint / .predictions): the "
-              "distillation head is trained on the ground-truth labels")
-  return None, None, "none: distillation head trained on the ground truth"
+  raise TeacherError("config.teacher: set checkpoint or predictions")
 
 
-def load_teacher_model(path: str, num_classes: int, mesh):
-  """(model, variables, description) from an fgjax workdir or an fgjax params `.npz`."""
-  from fgjax import convert, models
+def load_teacher_model(path: str, num_classes: int, mesh, restore):
+  """(model, variables, description) from an fgjax workdir (through `restore`) or an fgjax
+  params `.npz`."""
   if os.path.isdir(path):
-    from fgjax.train import trainer
-    cfg, model, _, variables, info = trainer.restore_model(path, mesh=mesh)
+    cfg, model, _, variables, info = restore(path, mesh=mesh)
     if model.num_classes != num_classes:
       raise TeacherError(f"config.teacher.checkpoint: {path} has {model.num_classes} classes, "
                          f"the training data has {num_classes}")

@@ -528,3 +528,39 @@ def train_quick_config(module, maker, tmp_path, steps: int = 1):
     cfg.total_steps = steps
     cfg.eval_every_steps = steps
   return fake, trainer.train_and_evaluate(cfg, str(tmp_path / "w"))
+
+
+def state_and_step(cfg, method, mesh, total_steps: int = 10, phase: int = 0):
+  """(train state, step fn, optimizers) for `method` as the trainer builds them (one step per
+  epoch for schedules, initialised from the example of `cfg`'s batch spec)."""
+  import jax
+  from fgjax.train import setup
+  from fgjax.train.step import make_train_step
+  example = setup.config_example(cfg)
+  optimizers = setup.build_optimizers(cfg, method, setup.params_shape(method, example), 1,
+                                      total_steps)
+  state = setup.create_train_state(cfg, method, optimizers, mesh, jax.random.key(0), example)
+  fn = make_train_step(cfg, method, optimizers, method.phases()[phase], jax.random.key(1))
+  return state, fn, optimizers
+
+
+def interrupted_run(cfg, workdir, monkeypatch, at_step: int):
+  """Runs cfg in workdir, sends SIGTERM when the progress bar reaches `at_step`, then reruns
+  the same command (which resumes) to the end."""
+  import signal
+  from fgjax.train import logs, trainer
+  orig = logs.ProgressBar.update
+
+  def update(self, step, info="", force=False):
+    if step == at_step and not getattr(self, "_sent", False):
+      self._sent = True
+      os.kill(os.getpid(), signal.SIGTERM)
+    return orig(self, step, info, force)
+
+  monkeypatch.setattr(logs.ProgressBar, "update", update)
+  out = trainer.train_and_evaluate(cfg, str(workdir))
+  assert out == {"stopped_at": at_step}  # SIGTERM: checkpoint saved, clean return
+  assert os.path.isdir(workdir / "checkpoints" / str(at_step))
+  monkeypatch.setattr(logs.ProgressBar, "update", orig)
+  assert signal.getsignal(signal.SIGTERM) is not None
+  trainer.train_and_evaluate(cfg, str(workdir))  # resumes at at_step

@@ -43,7 +43,7 @@ def test_memory_benchmark_runs():
   assert len(rows) == 2  # without and with remat
   plain, remat = ([c.strip() for c in r.strip("|").split("|")] for r in rows)
   assert plain[2] == "no" and remat[2] == "yes"
-  # (XLA:CPU does not turn remat into a smaller footprint; README, Benchmarks.)
+  # (XLA:CPU does not turn remat into a smaller footprint; docs/benchmarks.md.)
   for row in (plain, remat):
     assert float(row[3]) > 0 and float(row[4]) > 0 and int(row[5]) > 0
 

@@ -139,7 +139,8 @@ def test_loss_terms_centre_update_and_map_sampling():
   y = jnp.array([0, 1, 1, 3])
   params = v.pop("params")
   rng = jax.random.key(7)
-  loss, (m, new) = method.loss(params, v, {"image": x, "label": y}, rng)
+  ctx = methods.Context(step=0, rng=rng, batch={"image": x, "label": y}, helpers={})
+  loss, (m, new) = method.loss(params, v, ctx)
   # First step: zero centres, so the centre loss is sum ||f||^2 / B = 1 (f is L2-normalised).
   np.testing.assert_allclose(m["center"], 1.0, atol=1e-5)
   np.testing.assert_allclose(

@@ -47,3 +47,17 @@ def test_sizes_that_do_not_divide_are_clear_errors():
     jigsaw(jnp.zeros((1, 64, 64, 3)), 8, jax.random.key(0), patch_size=16)
   out = jigsaw(jnp.zeros((1, 64, 64, 3)), 4, jax.random.key(0), patch_size=16)
   assert out.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_matches_the_reshape_transpose_reference(n):
+  """The einops split/merge is the plain reshape/transpose chain, bit for bit."""
+  x = jax.random.normal(jax.random.key(1), (3, 32, 48, 3))
+  key = jax.random.key(2)
+  b, h, w, c = x.shape
+  ch, cw = h // n, w // n
+  cells = x.reshape(b, n, ch, n, cw, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, n * n, ch, cw, c)
+  perm = jnp.argsort(jax.random.uniform(key, (b, n * n)), axis=1)
+  cells = jnp.take_along_axis(cells, perm[:, :, None, None, None], axis=1)
+  ref = cells.reshape(b, n, n, ch, cw, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+  np.testing.assert_array_equal(np.asarray(jigsaw(x, n, key)), np.asarray(ref))

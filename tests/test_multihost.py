@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from fgjax.train import logs, trainer
+from fgjax.train import logs, setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,8 +19,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  c = common.base_config()
-  c.method = "trs_deit"
+  c = common.base_config("trs_deit")
   c.model.name = "trs_deit_tiny_patch16"
   c.model.img_size = 32
   c.model.kwargs = dict(patch_size=8, depth=3, width=48, num_heads=3)
@@ -90,8 +89,8 @@ def test_two_processes_equal_one_process_with_the_same_devices(tmp_path):
   # hence float summation order differ). Each AdamW step moves a parameter by about lr = 1e-3
   # whatever its gradient's size, so summation-order noise shows up at ~1e-5 after 3 steps;
   # a different batch or a missing all-reduce moves parameters by ~1e-3.
-  _, _, _, a, info_a = trainer.restore_model(str(single), prefer="last")
-  _, _, _, b, info_b = trainer.restore_model(str(multi), prefer="last")
+  _, _, _, a, info_a = setup.restore_model(str(single), prefer="last")
+  _, _, _, b, info_b = setup.restore_model(str(multi), prefer="last")
   assert info_a["step"] == info_b["step"] == 3
   diffs = [float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]

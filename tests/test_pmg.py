@@ -1,7 +1,5 @@
 """PMG: heads against the reference's parameter count, the progressive step, quick configs,
 resume."""
-import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,7 @@ import data_fixtures as fx
 from configs import (pmg_deit_cub, pmg_resnet50_aircraft, pmg_resnet50_cars,
                      pmg_resnet50_cub)
 from fgjax import methods, models
-from fgjax.train import logs, optim, trainer
+from fgjax.train import setup, sharding, trainer
 
 torch = pytest.importorskip("torch")
 
@@ -62,16 +60,12 @@ def _pmg_method(img=64, name="pmg_resnet18"):
 
 def test_progressive_step_makes_four_updates_and_updates_batch_stats():
   cfg, model, method = _pmg_method()
-  mesh = trainer.make_mesh(cfg)
-  params_shape = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"])
-  tx, schedules = optim.make_optimizer(cfg.optim, params_shape, 100)
-  state = trainer.create_train_state(cfg, model, method, tx, mesh, jax.random.key(0),
-                                     (1, 64, 64, 3))
+  mesh = sharding.make_mesh(cfg)
+  state, step_fn, _ = fx.state_and_step(cfg, method, mesh, total_steps=25)
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.normal(size=(8, 64, 64, 3)), jnp.float32),
            "label": jnp.asarray(rng.integers(0, 3, 8), jnp.int32)}
-  step = jax.jit(trainer.make_train_step(cfg, method, tx, schedules, jax.random.key(1), None))
+  step = jax.jit(step_fn)
   new, metrics = step(jax.tree.map(jnp.copy, state), batch, None)
   counts = {int(x) for x in jax.tree.leaves(new["opt"]) if x.shape == () and
             x.dtype == jnp.int32}
@@ -85,9 +79,9 @@ def test_progressive_step_makes_four_updates_and_updates_batch_stats():
   after = new["batch_stats"]["backbone"]["bn1"]["mean"]
   assert not np.allclose(np.asarray(before), np.asarray(after))
   # Evaluation outputs both the concat head and the sum of the four heads.
-  out = method.eval_outputs({"params": new["params"], "batch_stats": new["batch_stats"]},
-                            batch)
-  assert set(out) == {"logits", "combined"}
+  heads, values = method.eval_outputs({"params": new["params"],
+                                       "batch_stats": new["batch_stats"]}, batch)
+  assert set(heads) == {"logits", "combined"} and values == {}
 
 
 def test_bad_image_size_for_the_jigsaw_is_a_config_error():
@@ -117,20 +111,9 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     return c
 
   trainer.train_and_evaluate(cfg(), str(tmp_path / "a"))
-  orig = logs.ProgressBar.update
-
-  def update(self, step, info="", force=False):
-    if step == 2 and not getattr(self, "_sent", False):
-      self._sent = True
-      os.kill(os.getpid(), signal.SIGTERM)
-    return orig(self, step, info, force)
-
-  monkeypatch.setattr(logs.ProgressBar, "update", update)
-  assert trainer.train_and_evaluate(cfg(), str(tmp_path / "b")) == {"stopped_at": 2}
-  monkeypatch.setattr(logs.ProgressBar, "update", orig)
-  trainer.train_and_evaluate(cfg(), str(tmp_path / "b"))
-  _, _, _, va, ia = trainer.restore_model(str(tmp_path / "a"), prefer="last")
-  _, _, _, vb, ib = trainer.restore_model(str(tmp_path / "b"), prefer="last")
+  fx.interrupted_run(cfg(), tmp_path / "b", monkeypatch, at_step=2)
+  _, _, _, va, ia = setup.restore_model(str(tmp_path / "a"), prefer="last")
+  _, _, _, vb, ib = setup.restore_model(str(tmp_path / "b"), prefer="last")
   assert ia["step"] == ib["step"] == 3
   for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb)):  # params and batch_stats
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
@@ -146,11 +129,7 @@ def test_init_from_loads_a_timm_resnet_into_the_backbone(tmp_path):
   save_file(sd, str(tmp_path / "r18.safetensors"))
   cfg, model, method = _pmg_method()
   cfg.init_from = str(tmp_path / "r18.safetensors")
-  params_shape = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"])
-  tx, _ = optim.make_optimizer(cfg.optim, params_shape, 10)
-  state = trainer.create_train_state(cfg, model, method, tx, trainer.make_mesh(cfg),
-                                     jax.random.key(0), (1, 64, 64, 3))
+  state, _, _ = fx.state_and_step(cfg, method, sharding.make_mesh(cfg))
   np.testing.assert_allclose(
       np.asarray(state["params"]["backbone"]["layer3_1"]["conv2"]["kernel"]),
       sd["layer3.1.conv2.weight"].transpose(2, 3, 1, 0))
@@ -159,7 +138,7 @@ def test_init_from_loads_a_timm_resnet_into_the_backbone(tmp_path):
 
 
 def test_synthetic_evidence_config_trains_pmg_on_the_small_cnn(tmp_path):
-  """configs/pmg_synthetic.py (README, PMG evidence): PMG heads on cnn_small's last three
+  """configs/pmg_synthetic.py (docs/demo.md, PMG): PMG heads on cnn_small's last three
   stages, and the plain cnn_small baseline, one step each on a few synthetic images."""
   from configs import pmg_synthetic
   for arg, key in (("steps=1", "combined_top1"), ("ce=True,pool=max,steps=1", "top1")):

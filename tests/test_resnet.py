@@ -85,7 +85,8 @@ def test_batchnorm_step_on_8_devices_equals_one_device():
   """Under jit over the data mesh BatchNorm uses the global batch's statistics."""
   from configs import common
   from fgjax import methods
-  from fgjax.train import optim, trainer
+  import data_fixtures as fx
+  from fgjax.train import sharding
   assert jax.device_count() == 8
   cfg = common.base_config()
   cfg.model.name, cfg.model.img_size = "resnet18", 32
@@ -98,12 +99,9 @@ def test_batchnorm_step_on_8_devices_equals_one_device():
            "label": rng.integers(0, 4, 8).astype(np.int32)}
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
-    mesh = trainer.make_mesh(cfg, devices=devices)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), batch["image"])["params"])
-    tx, schedules = optim.make_optimizer(cfg.optim, shapes, 10)
-    state = trainer.create_train_state(cfg, model, method, tx, mesh, jax.random.key(0),
-                                       (1, 32, 32, 3))
-    step = jax.jit(trainer.make_train_step(cfg, method, tx, schedules, jax.random.key(1), None))
+    mesh = sharding.make_mesh(cfg, devices=devices)
+    state, step_fn, _ = fx.state_and_step(cfg, method, mesh)
+    step = jax.jit(step_fn)
     from fgjax import data as fgdata
     gbatch = fgdata.to_global_batch(batch, mesh)
     for _ in range(2):

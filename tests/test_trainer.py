@@ -1,7 +1,6 @@
 """The trainer: sharded steps, resume, non-finite loss, SIGTERM, teachers, metrics."""
 import json
 import os
-import signal
 
 import numpy as np
 import pytest
@@ -12,12 +11,12 @@ import jax.numpy as jnp
 from configs import common
 from fgjax import methods as fgmethods
 from fgjax import teachers
-from fgjax.train import logs, optim, trainer
+import data_fixtures as fx
+from fgjax.train import evaluation, logs, optim, setup, sharding, trainer
 
 
 def tiny_config(**over):
-  c = common.base_config()
-  c.method = "trs_deit"
+  c = common.base_config("trs_deit")
   c.model.name = "trs_deit_tiny_patch16"
   c.model.img_size = 32
   c.model.kwargs = dict(patch_size=8, depth=3, width=48, num_heads=3, drop_path_rate=0.1)
@@ -41,7 +40,7 @@ def tiny_config(**over):
 
 
 def _params(workdir, prefer="last"):
-  _, _, _, variables, info = trainer.restore_model(str(workdir), prefer=prefer)
+  _, _, _, variables, info = setup.restore_model(str(workdir), prefer=prefer)
   return variables, info
 
 
@@ -66,30 +65,10 @@ def test_train_writes_metrics_checkpoints_and_reports(tmp_path):
   assert json.load(open(tmp_path / "final_metrics.json"))["test"]["num_examples"] > 0
 
 
-def _interrupted_run(cfg, workdir, monkeypatch, at_step: int):
-  """Runs cfg in workdir, sends SIGTERM when the progress bar reaches `at_step`, then reruns
-  the same command (which resumes) to the end."""
-  orig = logs.ProgressBar.update
-
-  def update(self, step, info="", force=False):
-    if step == at_step and not getattr(self, "_sent", False):
-      self._sent = True
-      os.kill(os.getpid(), signal.SIGTERM)
-    return orig(self, step, info, force)
-
-  monkeypatch.setattr(logs.ProgressBar, "update", update)
-  out = trainer.train_and_evaluate(cfg, str(workdir))
-  assert out == {"stopped_at": at_step}  # SIGTERM: checkpoint saved, clean return
-  assert os.path.isdir(workdir / "checkpoints" / str(at_step))
-  monkeypatch.setattr(logs.ProgressBar, "update", orig)
-  assert signal.getsignal(signal.SIGTERM) is not None
-  trainer.train_and_evaluate(cfg, str(workdir))  # resumes at at_step
-
-
 def test_resume_after_sigterm_equals_uninterrupted(tmp_path, monkeypatch):
   cfg = lambda: tiny_config(ema_decay=0.9, total_steps=6, checkpoint_every_steps=4)
   trainer.train_and_evaluate(cfg(), str(tmp_path / "a"))
-  _interrupted_run(cfg(), tmp_path / "b", monkeypatch, at_step=3)
+  fx.interrupted_run(cfg(), tmp_path / "b", monkeypatch, at_step=3)
   va, ia = _params(tmp_path / "a")
   vb, ib = _params(tmp_path / "b")
   assert ia["step"] == ib["step"] == 6
@@ -108,13 +87,10 @@ def test_step_on_8_devices_equals_single_device():
            "id": np.arange(8, dtype=np.int32)}
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
-    mesh = trainer.make_mesh(cfg, devices=devices)
-    params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), batch["image"])["params"])
-    tx, schedules = optim.make_optimizer(cfg.optim, params_shape, 10)
-    state = trainer.create_train_state(cfg, model, method, tx, mesh, jax.random.key(0),
-                                       (1, 32, 32, 3))
+    mesh = sharding.make_mesh(cfg, devices=devices)
+    state, step_fn, _ = fx.state_and_step(cfg, method, mesh)
     from jax.sharding import NamedSharding, PartitionSpec as P
-    step = jax.jit(trainer.make_train_step(cfg, method, tx, schedules, jax.random.key(1), None),
+    step = jax.jit(step_fn,
                    out_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P())))
     gbatch = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P("data"))), batch)
     for _ in range(2):
@@ -169,7 +145,7 @@ def test_teacher_options(tmp_path, caplog, monkeypatch):
   cfg = lambda: tiny_config(**{"teacher.predictions": pred_path}, total_steps=5,
                             checkpoint_every_steps=5)
   trainer.train_and_evaluate(cfg(), str(tmp_path / "whole"))
-  _interrupted_run(cfg(), tmp_path / "resumed", monkeypatch, at_step=3)
+  fx.interrupted_run(cfg(), tmp_path / "resumed", monkeypatch, at_step=3)
   va, ia = _params(tmp_path / "whole")
   vb, ib = _params(tmp_path / "resumed")
   assert ia["step"] == ib["step"] == 5 and _max_diff(va, vb) <= 1e-6
@@ -186,7 +162,7 @@ def test_summarize_eval_exact():
          "label": np.array([0, 0, 1, 1, 2, 2, 0]),
          "pred": np.array([0, 1, 1, 1, 0, 2, 0]),
          "correct5": np.array([1, 1, 1, 1, 0, 1, 1], bool)}
-  out = trainer.summarize_eval(res, 3)
+  out = evaluation.summarize_eval(res, 3)
   assert out["num_examples"] == 6
   assert out["top1"] == pytest.approx(4 / 6)
   assert out["top5"] == pytest.approx(5 / 6)
@@ -197,16 +173,20 @@ def test_part_hits():
   # 4x4 grid of 8-px patches; part box covers patch (row 1, col 2) only.
   sel = jnp.array([[6, 0], [6, 6]])
   boxes = jnp.array([[[16, 8, 24, 16], [-1, -1, -1, -1]]] * 2, jnp.float32)
-  hit, has = trainer.part_hits(sel, boxes, (4, 4), 8, 8)
+  hit, has = fgmethods.part_hits(sel, boxes, (4, 4), 8, 8)
   np.testing.assert_allclose(np.asarray(hit), [0.5, 1.0])
   assert bool(has.all())
   every = jnp.broadcast_to(jnp.arange(16), (2, 16))  # chance: 1 of 16 patches is on the part
-  np.testing.assert_allclose(np.asarray(trainer.part_hits(every, boxes, (4, 4), 8, 8)[0]),
+  np.testing.assert_allclose(np.asarray(fgmethods.part_hits(every, boxes, (4, 4), 8, 8)[0]),
                              [1 / 16] * 2)
   res = {"mask": np.array([1, 1, 0]), "label": np.array([0, 1, 1]), "pred": np.array([0, 1, 0]),
-         "correct5": np.ones(3, bool), "part_hit": np.array([0.5, 1.0, 1.0]),
-         "has_parts": np.array([1, 1, 1]), "part_hit_chance": np.array([0.1, 0.2, 0.9])}
-  out = trainer.summarize_eval(res, 2)
+         "correct5": np.ones(3, bool),
+         "values": {"part_hit": np.array([0.5, 1.0, 1.0]), "has_parts": np.array([1, 1, 1]),
+                    "part_hit_chance": np.array([0.1, 0.2, 0.9])}}
+  from fgjax import models
+  cfg = tiny_config()
+  method = fgmethods.get_method(cfg, models.create(cfg.model.name, 4, 32, **cfg.model.kwargs), 4)
+  out = evaluation.summarize_eval(res, 2, method)
   assert out["part_hit_rate"] == pytest.approx(0.75)  # the padded third example is left out
   assert out["part_hit_chance"] == pytest.approx(0.15)
 
@@ -214,10 +194,10 @@ def test_part_hits():
 def test_get_steps():
   c = common.base_config()
   c.total_epochs = 2.5
-  assert trainer.get_steps(c, "total", 10) == 25
+  assert setup.get_steps(c, "total", 10) == 25
   c.total_steps = 3
   with pytest.raises(ValueError, match="only one of total_steps"):
-    trainer.get_steps(c, "total", 10)
+    setup.get_steps(c, "total", 10)
 
 
 def test_optimizer_groups_and_schedules():
@@ -254,14 +234,11 @@ def test_fsdp_2x4_step_equals_8x1_and_shards_the_state(tmp_path):
     cfg = tiny_config(**{"mesh.fsdp": fsdp})
     model = models.create(cfg.model.name, 4, 32, **cfg.model.kwargs)
     method = fgmethods.get_method(cfg, model, 4)
-    mesh = trainer.make_mesh(cfg)
+    mesh = sharding.make_mesh(cfg)
     assert dict(mesh.shape) == ({"data": 8} if fsdp == 1 else {"data": 2, "fsdp": 4})
-    params_shape = jax.eval_shape(lambda: model.init(jax.random.key(0), batch["image"])["params"])
-    tx, schedules = optim.make_optimizer(cfg.optim, params_shape, 10)
-    state = trainer.create_train_state(cfg, model, method, tx, mesh, jax.random.key(0),
-                                       (1, 32, 32, 3))
-    shardings = trainer.state_shardings(state, mesh)
-    step = jax.jit(trainer.make_train_step(cfg, method, tx, schedules, jax.random.key(1), None),
+    state, step_fn, _ = fx.state_and_step(cfg, method, mesh)
+    shardings = sharding.state_shardings(state, mesh)
+    step = jax.jit(step_fn,
                    out_shardings=(shardings, NamedSharding(mesh, P())))
     from fgjax import data as fgdata
     gbatch = fgdata.to_global_batch(batch, mesh)
@@ -287,4 +264,4 @@ def test_fsdp_2x4_step_equals_8x1_and_shards_the_state(tmp_path):
   variables, info = _params(tmp_path / "w")
   assert info["step"] == 2
   with pytest.raises(ValueError, match="config.mesh.fsdp=3"):
-    trainer.make_mesh(tiny_config(**{"mesh.fsdp": 3}))
+    sharding.make_mesh(tiny_config(**{"mesh.fsdp": 3}))

@@ -69,12 +69,12 @@ def test_imports_timm_vit_weights(tmp_path):
 
 def test_loss_is_ce_plus_contrastive_on_the_cls_token():
   model, variables, x = _model()
-  cfg = common.base_config()
-  cfg.method = "transfg"
+  cfg = common.base_config("transfg")
   cfg.model.name = "transfg_tiny_patch16"
   method = methods.get_method(cfg, model, 5)
   batch = {"image": x, "label": jnp.array([0, 1, 0])}
-  loss, (metrics, _) = method.loss(variables["params"], {}, batch, jax.random.key(2))
+  ctx = methods.Context(step=0, rng=jax.random.key(2), batch=batch, helpers={})
+  loss, (metrics, _) = method.loss(variables["params"], {}, ctx)
   logits, aux = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
   ce = losses.cross_entropy(logits, batch["label"])
   con = losses.contrastive_loss(aux["cls_features"], batch["label"], 0.4)
@@ -105,7 +105,7 @@ def test_quick_config_trains_one_step_on_fake_cub(tmp_path):
 
 @pytest.mark.slow
 def test_readme_distillation_recipe_on_fake_cub(tmp_path):
-  """The README's three commands (teacher, export, student), with the quick variants."""
+  """The three commands of docs/training.md (teacher, export, student), with the quick variants."""
   from test_run import _ok, _run
   fake = fx.make_fake_cub(tmp_path / "data", num_classes=3, per_class=4)
   data = f"--config.data.data_dir={fake.data_dir}"

@@ -390,6 +390,27 @@ def load_backbone(path: str | os.PathLike, backbone) -> dict:
   return {"params": params, **_merge_collections(backbone, collections, path)}
 
 
+def load_into_model(model, variables: Mapping[str, Any], path: str | os.PathLike, *,
+                    dont_load: Sequence[str] = (), rng: jax.Array | int = 0) -> dict:
+  """`variables` (the model's fresh ones) with the checkpoint at `path` loaded into every part
+  the model names in `model.checkpoint_parts()`: {"": model} for a whole model (a ViT, a
+  ResNet), {"backbone": module} for a wrapper (PMG, CAL), so each part goes through its own
+  module's renaming, position-embedding resampling and head rules (`merge_into_model`). Parts
+  not named keep their fresh values; every named part must fit exactly (otherwise a
+  `CheckpointMismatchError` lists the differences). Returns numpy trees."""
+  path = os.fspath(path)
+  loaded, unexpected, collections = _detect_and_rename(read_file(path), path)
+  out = {name: dict(tree) for name, tree in variables.items()}
+  for key, part in model.checkpoint_parts().items():
+    params = merge_into_model(part, loaded, unexpected, path=path, dont_load=dont_load, rng=rng)
+    for name, tree in {"params": params, **_merge_collections(part, collections, path)}.items():
+      if key:
+        out[name][key] = tree
+      else:
+        out[name] = tree
+  return out
+
+
 def _merge_collections(model, collections: Mapping[str, Mapping[str, np.ndarray]],
                        path: str) -> dict:
   """The model's non-param collections filled from the checkpoint (all keys must match)."""

@@ -8,21 +8,26 @@
     gbatch = fgjax.data.to_global_batch(batch, mesh)   # global jax.Arrays
     state = loader.get_state()                 # JSON-serialisable; loader.set_state(state)
 
-Modules: `sources` (dataset layouts, errors), `images` (decoding to RGB uint8), `synthetic`
-(the synthetic fine-grained birds), `transforms` (crops, flips, sharpness, RandAugment /
-AutoAugment, normalisation, boxes) and `pipeline` (grain loaders, sharding, resume).
-The README (section Datasets) describes the folder layouts and options.
+Modules: `sources` (`get_source`: dataset name -> source), `base` (`Source`, errors, subsets,
+train/val hold-out), `layouts` (the dataset layouts on disk), `tfds_source` (tensorflow-datasets),
+`images` (decoding to RGB uint8), `synthetic` (the synthetic fine-grained birds), `transforms`
+(crops, flips, sharpness, RandAugment / AutoAugment, normalisation, boxes) and `pipeline` (grain
+loaders, sharding, resume).
+docs/datasets.md describes the folder layouts and options.
 """
+from fgjax.data.base import (DatasetError, DatasetNotFoundError, Source, SubsetSource,
+                             split_train_val)
 from fgjax.data.images import BadImageError, load_image, open_image
-from fgjax.data.pipeline import (EvalLoader, Loader, make_eval_loader, make_train_loader,
-                                 to_global_batch)
-from fgjax.data.sources import (DATASETS, DatasetError, DatasetNotFoundError, FileSource, Source,
-                                SubsetSource, TfdsSource, get_source, split_train_val)
+from fgjax.data.layouts import FileSource
+from fgjax.data.pipeline import (EvalLoader, Loader, batch_spec, make_eval_loader,
+                                 make_train_loader, to_global_batch)
+from fgjax.data.sources import DATASETS, get_source
 from fgjax.data.synthetic import SyntheticSource
+from fgjax.data.tfds_source import TfdsSource
 from fgjax.data.transforms import Normalizer, eval_transform, normalize_image, train_transform
 
 __all__ = [
-    "BadImageError", "DATASETS", "DatasetError", "DatasetNotFoundError", "EvalLoader",
+    "BadImageError", "DATASETS", "batch_spec", "DatasetError", "DatasetNotFoundError", "EvalLoader",
     "FileSource", "Loader", "Normalizer", "Source", "SubsetSource", "SyntheticSource",
     "TfdsSource", "eval_transform", "get_source", "load_image", "make_eval_loader",
     "make_train_loader", "normalize_image", "open_image", "split_train_val", "to_global_batch",

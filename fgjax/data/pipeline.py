@@ -26,6 +26,8 @@ Batches are dicts of numpy arrays (L = global_batch_size / process count):
   part_boxes  float32 (L, P, 4), when the source has part boxes (or `max_parts` is set):
               padded to P with -1 rows
   mask        bool (L,), eval only
+A loader's `element_spec` gives the fields of its global batch as ShapeDtypeStructs
+(`batch_spec`).
 Text and file names stay out of batches. `to_global_batch` assembles global `jax.Array`s with
 `jax.make_array_from_process_local_data`.
 """
@@ -41,10 +43,31 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fgjax.data import transforms
-from fgjax.data.sources import Source
+from fgjax.data.base import Source
 
 BOX_KEYS = ("object_box", "part_boxes")
 _AUGMENT_STREAM = 0x5EED  # separates the augmentation rngs from other uses of the seed
+
+
+def _fields(image_size: int, num_parts: int | None) -> dict:
+  """{field: (per-example shape, dtype)} of a batch (see the module docstring)."""
+  s = int(image_size)
+  out = {"image": ((s, s, 3), np.float32), "label": ((), np.int32), "id": ((), np.int32),
+         "object_box": ((4,), np.float32)}
+  if num_parts is not None:
+    out["part_boxes"] = ((int(num_parts), 4), np.float32)
+  return out
+
+
+def batch_spec(image_size: int, num_parts: int | None = None, batch_size: int = 1,
+               eval: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+  """The fields of a global batch as ShapeDtypeStructs (a loader's `element_spec`); with
+  `eval` the `mask` too. Models are initialised from an example of it."""
+  out = {k: jax.ShapeDtypeStruct((int(batch_size),) + shape, dtype)
+         for k, (shape, dtype) in _fields(image_size, num_parts).items()}
+  if eval:
+    out["mask"] = jax.ShapeDtypeStruct((int(batch_size),), np.bool_)
+  return out
 
 
 def _process_shard(shard_index, shard_count):
@@ -92,12 +115,11 @@ class _BatchBuilder:
     return {k: rec[k] for k in BOX_KEYS if rec.get(k) is not None}
 
   def _alloc(self, n: int) -> dict:
-    s = self.image_size
-    out = {"image": np.empty((n, s, s, 3), np.float32), "label": np.empty(n, np.int32),
-           "id": np.empty(n, np.int32), "object_box": np.empty((n, 4), np.float32)}
-    if self.num_parts is not None:
-      out["part_boxes"] = np.empty((n, self.num_parts, 4), np.float32)
-    return out
+    return {k: np.empty((n,) + shape, dtype)
+            for k, (shape, dtype) in _fields(self.image_size, self.num_parts).items()}
+
+  def spec(self, global_batch_size: int, eval: bool = False) -> dict:
+    return batch_spec(self.image_size, self.num_parts, global_batch_size, eval)
 
   def _fill(self, out: dict, k: int, rec: dict, u8: np.ndarray, boxes: dict):
     self.normalizer(u8, out=out["image"][k])
@@ -173,10 +195,13 @@ class Loader:
   use `with`) to stop worker processes early.
   """
 
-  def __init__(self, dataset: grain.IterDataset, num_batches: int | None = None):
+  def __init__(self, dataset: grain.IterDataset, num_batches: int | None = None,
+               element_spec: dict | None = None):
     self._dataset = dataset
     self._iter = iter(dataset)
     self.num_batches = num_batches
+    # The fields of one global batch: {name: jax.ShapeDtypeStruct} (`batch_spec`).
+    self.element_spec = element_spec
 
   def __iter__(self):
     return self
@@ -213,8 +238,8 @@ class Loader:
 class EvalLoader(Loader):
   """A finite loader; iterating it again (`iter(loader)`) starts a fresh pass."""
 
-  def __init__(self, dataset, num_batches):
-    super().__init__(dataset, num_batches)
+  def __init__(self, dataset, num_batches, element_spec=None):
+    super().__init__(dataset, num_batches, element_spec)
     self._started = False
 
   def __iter__(self):
@@ -326,7 +351,8 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
                   randaugment_magnitude=ra_mag, autoaugment=bool(autoaugment),
                   color_jitter=transforms.parse_color_jitter(color_jitter))
   ds = grain.MapDataset.range(_MAX_BATCHES).map(fn)
-  return Loader(_finish(ds, worker_count, prefetch, threads))
+  return Loader(_finish(ds, worker_count, prefetch, threads),
+                element_spec=fn.spec(global_batch_size))
 
 
 def make_eval_loader(source: Source, *, global_batch_size: int, image_size: int,
@@ -353,7 +379,8 @@ def make_eval_loader(source: Source, *, global_batch_size: int, image_size: int,
   fn = EvalBatch(source, image_size, resize_size, resize_mode, normalize,
                  _box_layout(source, max_parts), interpolation)
   ds = grain.MapDataset.source(list(positions.reshape(n_batches, local))).map(fn)
-  return EvalLoader(_finish(ds, worker_count, prefetch, threads), n_batches)
+  return EvalLoader(_finish(ds, worker_count, prefetch, threads), n_batches,
+                    element_spec=fn.spec(global_batch_size, eval=True))
 
 
 def to_global_batch(batch: dict, mesh: jax.sharding.Mesh | None = None,

@@ -14,7 +14,7 @@ congruent to the parts, in the four vivid colours its parts do not use, placed w
 another random bird pose would be, randomly rotated. So every image contains each vivid colour
 exactly once in a part-sized triangle, colour histograms are the same for all classes, and a
 part differs from a decoy only by where it sits on the bird: a logistic regression on colour
-histograms or on 8x8 pixels stays near chance (figures in the README, Datasets;
+histograms or on 8x8 pixels stays near chance (figures in docs/datasets.md;
 `python -m fgjax.data.synthetic` measures them). A model has to find the beak, the crest and
 the throat and read their colours. The parts are solid and anti-aliased (2x supersampling).
 Small CNNs with global max pooling learn the task from a few thousand images (the demo
@@ -26,7 +26,7 @@ The demo's variant, `part_scale=4, decoys=False`: every part has 4x the area (ea
 12 px patch at 96 px) and no decoys are drawn. A ViT trained from scratch learns it in a few
 hundred steps; it is easier than the default in a second way too: without decoys the set of
 vivid colours in an image is a class cue, so colour statistics partly solve it (figures in the
-README), and only classes with the same three colours on different parts need the parts'
+docs/demo.md), and only classes with the same three colours on different parts need the parts'
 positions.
 
 Up to 38 classes come from a code in which any two classes differ in at least two of the three
@@ -52,7 +52,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fgjax.data.sources import Source
+from fgjax.data.base import Source
 
 PARTS = ("beak", "crest", "throat")
 PART_COLOURS = {  # the vivid colours of the parts and of the decoys

@@ -7,7 +7,6 @@ a trailing resolution suffix such as `_224` is accepted and ignored (the resolut
 """
 from __future__ import annotations
 
-import functools
 import re
 from typing import Callable
 

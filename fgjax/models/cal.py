@@ -19,7 +19,7 @@ Reference: raoyongming/CAL `fgvc/models/cal.py` (WSDAN_CAL, BAP, batch_augment) 
 aux["effect_logits"], aux["features"] (f, (B, M C)), aux["counterfactual_features"],
 aux["attention_maps"] ((B, h, w, M)), aux["stages"] (the backbone's). The class centres of the
 centre loss live in the `centers` collection (`feature_center`, (num_classes, M C)), updated by
-the `cal` method (`fgjax.methods.CAL`), so they are checkpointed and resumed with the run.
+the `cal` method (`fgjax.methods.cal`), so they are checkpointed and resumed with the run.
 
 Augmentation helpers (jittable, per image, all under `stop_gradient` in training):
 `attention_crop_boxes`, `crop_and_resize`, `attention_crop`, `attention_drop`.
@@ -152,6 +152,10 @@ class CAL(nn.Module):
   @property
   def img_size(self):
     return self.backbone.img_size
+
+  def checkpoint_parts(self) -> dict:
+    """A pretrained checkpoint (an ImageNet ResNet) loads into the backbone."""
+    return {"backbone": self.backbone}
 
   def setup(self):
     d, p = self.dtype, self.param_dtype

@@ -32,6 +32,10 @@ class SmallCNN(nn.Module):
     """Channels of the last stage map."""
     return self.widths[-1]
 
+  def checkpoint_parts(self) -> dict:
+    """An fgjax params file of this CNN loads into the whole model."""
+    return {"": self}
+
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_attention: bool = False):
     del return_attention  # no attention maps in a CNN

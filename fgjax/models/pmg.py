@@ -12,8 +12,8 @@ Backbones (`backbone` = an fgjax model name, built without its classifier):
 
 `__call__(images, train=False)` returns `(concat_logits, aux)` with aux["stage_logits"] = [y^3,
 y^4, y^5], aux["concat_logits"], aux["combined_logits"] = y^3 + y^4 + y^5 + y^concat. Parameters:
-`backbone/...` (the backbone's own names, so its pretrained weights load there: see
-`fgjax.train.trainer.create_train_state`), conv_block{1,2,3}, classifier{1,2,3},
+`backbone/...` (the backbone's own names, so its pretrained weights load there:
+`checkpoint_parts`), conv_block{1,2,3}, classifier{1,2,3},
 classifier_concat.
 """
 from __future__ import annotations
@@ -73,6 +73,10 @@ class PMG(nn.Module):
   @property
   def img_size(self):
     return self.backbone.img_size
+
+  def checkpoint_parts(self) -> dict:
+    """A pretrained checkpoint (an ImageNet ResNet or DeiT) loads into the backbone."""
+    return {"backbone": self.backbone}
 
   @property
   def patch_size(self):

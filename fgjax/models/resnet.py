@@ -94,6 +94,10 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}, got {self.depth}")
     return self.widths[-1] * (4 if DEPTHS[self.depth][0] == "bottleneck" else 1)
 
+  def checkpoint_parts(self) -> dict:
+    """A timm/torchvision ResNet checkpoint loads into the whole model ("" = all of it)."""
+    return {"": self}
+
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_attention: bool = False):
     del return_attention  # accepted for a uniform model interface; a CNN has none

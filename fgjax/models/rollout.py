@@ -14,6 +14,9 @@ and columns of R, so fgjax never forms it:
 That is O(L K T^2) per token, about 180x fewer FLOPs than the full product at 786 tokens.
 All functions take the attention list in block order (A_1 first) with shapes (B, K, T, T) and
 work under `jax.jit`; the callers apply `stop_gradient` (selection is not differentiated).
+
+There is no `einops` here: the sweeps are einsums and index gathers, with no reshape/transpose
+chains that a rearrangement pattern would make clearer.
 """
 from __future__ import annotations
 

@@ -37,17 +37,23 @@ They mirror timm's state-dict names so that conversion is a transparent rename.
 
 On a single CPU device the blocks run as two independent chains over the batch
 (`batch_chains`, `batch_chains_for`): same function and parameters, both cores kept busy.
+
+Head splits/merges and the patch-grid flatten are written with `einops.rearrange` (it lowers
+to the same reshape/transpose ops). `_flat`, the MLP's reshape back and the batch-chain
+split/merge stay plain reshapes: they are rank-generic flattenings kept for XLA:CPU speed and
+an interleaved batch split, which an axis pattern would describe no better.
 """
 from __future__ import annotations
 
 import dataclasses
 import operator
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 from fgjax.models import rollout
 
@@ -125,10 +131,11 @@ class _QKV(nn.Module):
     h = self.num_heads
     kernel = self.param("kernel", _dense_init, (d, 3 * d), self.param_dtype)
     bias = self.param("bias", _zeros, (3 * d,), self.param_dtype)
-    kernel = kernel.astype(self.dtype).reshape(d, 3, h, d // h)
+    kernel = rearrange(kernel.astype(self.dtype), "d (qkv h hd) -> d qkv h hd", qkv=3, h=h)
     out = jnp.einsum("nd,dshk->shnk", _flat(x).astype(self.dtype), kernel)
+    # A plain reshape: rearrange's "-> qkv h 1 hd" would lower to two reshapes.
     out = out + bias.astype(self.dtype).reshape(3, h, 1, d // h)
-    return out.reshape(3, h, b, t, d // h)
+    return rearrange(out, "qkv h (b t) hd -> qkv h b t hd", b=b)
 
 
 class _Proj(nn.Module):
@@ -148,11 +155,12 @@ class _Proj(nn.Module):
     kernel = self.param("kernel", _dense_init, (d, d), self.param_dtype).astype(self.dtype)
     bias = self.param("bias", _zeros, (d,), self.param_dtype).astype(self.dtype)
     if self.head_major:
-      out = jnp.einsum("hnk,hkd->nd", x.reshape(h, b * t, hd).astype(self.dtype),
-                       kernel.reshape(h, hd, d))
+      out = jnp.einsum("hnk,hkd->nd",
+                       rearrange(x, "h b t hd -> h (b t) hd").astype(self.dtype),
+                       rearrange(kernel, "(h hd) d -> h hd d", h=h))
     else:
-      out = x.reshape(b * t, d).astype(self.dtype) @ kernel
-    return (out + bias).reshape(b, t, d)
+      out = rearrange(x, "b t h hd -> (b t) (h hd)").astype(self.dtype) @ kernel
+    return rearrange(out + bias, "(b t) d -> b t d", b=b)
 
 
 class Attention(nn.Module):
@@ -179,7 +187,7 @@ class Attention(nn.Module):
     use_probs = return_attention or (train and self.attn_drop_rate > 0)
     if not use_probs and jax.default_backend() in ("gpu", "tpu"):
       # Fused attention (cuDNN flash attention on GPU) where no probabilities are needed.
-      q, k, v = (a.transpose(1, 2, 0, 3) for a in (q, k, v))  # (B, T, heads, head_dim)
+      q, k, v = (rearrange(a, "h b t hd -> b t h hd") for a in (q, k, v))
       out = jax.nn.dot_product_attention(q, k, v)
       head_major = False
     else:
@@ -193,7 +201,7 @@ class Attention(nn.Module):
     out = _Proj(head_major, self.dtype, self.param_dtype, name="proj")(out)
     out = nn.Dropout(self.proj_drop_rate)(out, deterministic=not train)
     if return_attention:
-      return out, probs.transpose(1, 0, 2, 3)
+      return out, rearrange(probs, "h b q k -> b h q k")
     return out, None
 
 
@@ -338,6 +346,10 @@ class VisionTransformer(nn.Module):
   def grid(self) -> tuple[int, int]:
     return grid_size(self.img_size, self.patch_size, self.patch_stride or self.patch_size)
 
+  def checkpoint_parts(self) -> dict:
+    """A timm/DeiT/Google ViT checkpoint loads into the whole model ("" = all of it)."""
+    return {"": self}
+
   def embed(self, images, *, train: bool):
     """Patch embedding + prefix tokens + position embedding -> (B, T, D)."""
     gh, gw = self.grid
@@ -353,7 +365,7 @@ class VisionTransformer(nn.Module):
                 kernel_init=_dense_init, bias_init=_zeros, name="patch_embed")(
                     images.astype(self.dtype))
     b = x.shape[0]
-    x = x.reshape(b, gh * gw, self.width)
+    x = rearrange(x, "b gh gw d -> b (gh gw) d")  # patches in row-major grid order
     prefix = [self.param("cls_token", _dense_init, (1, 1, self.width), self.param_dtype)]
     if self.distilled:
       prefix.append(self.param("dist_token", _dense_init, (1, 1, self.width), self.param_dtype))

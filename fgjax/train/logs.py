@@ -1,4 +1,4 @@
-"""Metric logging: JSON lines, TensorBoard event files and a terminal progress bar.
+"""Metric logging: JSON lines, TensorBoard event files and a progress bar (tqdm).
 
 Only process 0 writes files; every process may print its own errors.
 """
@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 
 def _scalar(v):
@@ -77,8 +78,53 @@ def _fmt_time(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+class _NullFile:
+  """Where the tqdm bar draws off a terminal: nowhere (`ProgressBar` writes the lines)."""
+
+  def write(self, s):
+    pass
+
+  def flush(self):
+    pass
+
+
+class _Tqdm(tqdm):
+  """tqdm with the fgjax fields: `img_rate` (steps/s x batch size), `eta_fmt` (e.g. 0m35s)
+  and `info` (" | loss ..."), all from the average speed since `initial` (the resumed step)."""
+  monitor_interval = 0  # no monitor thread: the training loop drives every redraw
+
+  def __init__(self, *args, batch_size: int = 1, **kwargs):
+    self.batch_size, self.info = batch_size, ""  # read by the first draw in __init__
+    super().__init__(*args, **kwargs)
+
+  @property
+  def format_dict(self):
+    return dict(super().format_dict, batch_size=self.batch_size, info=self.info)
+
+  @staticmethod
+  def format_meter(n, total, elapsed, rate=None, initial=0, batch_size=1, info="", **kwargs):
+    if rate is None and elapsed:  # smoothing=0: the average over (n - initial) steps
+      rate = (n - initial) / elapsed
+    eta = _fmt_time((total - n) / rate) if rate and total else "?"
+    return tqdm.format_meter(n, total, elapsed, rate=rate, initial=initial,
+                             img_rate=(rate or 0.0) * batch_size, eta_fmt=eta,
+                             info=f" | {info}" if info else "", **kwargs)
+
+
+_BAR_FORMAT = ("{desc} {n_fmt}/{total_fmt} [{bar:20}] {percentage:5.1f}% "
+               "{img_rate:7.1f} img/s ETA {eta_fmt}{info}")
+
+
 class ProgressBar:
-  """One-line progress with ETA and images/s (a line per update when not on a terminal)."""
+  """Training progress on tqdm: step/total, percent, images/s, ETA and an info text.
+
+  On a terminal, one line redrawn in place at most every `min_interval` seconds (and at every
+  `force=True` update); the last info text stays until replaced. Off a terminal (a file, CI
+  logs) one plain line per `update(..., force=True)` (the log points) and nothing else, e.g.
+  `train 150/400 [#######.............]  37.5%   456.3 img/s ETA 0m35s | loss 0.0184`.
+  Speed and ETA are averages since `start`, so a resumed run does not count its skipped steps.
+  Only process 0 draws unless `enabled` says otherwise.
+  """
 
   def __init__(self, total: int, start: int = 0, desc: str = "train", batch_size: int = 1,
                enabled: bool | None = None, stream=None, min_interval: float = 0.5):
@@ -86,34 +132,36 @@ class ProgressBar:
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.stream = stream or sys.stderr
     self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-    self.t0 = time.time()
-    self.last_print = 0.0
     self.min_interval = min_interval if self.tty else 0.0
-    self.rate_t, self.rate_step = self.t0, start
+    self._bar = None
+    if self.enabled:
+      self._bar = _Tqdm(total=total, initial=start, desc=desc, batch_size=batch_size,
+                        file=self.stream if self.tty else _NullFile(), bar_format=_BAR_FORMAT,
+                        ascii=".#", mininterval=self.min_interval, miniters=1, smoothing=0,
+                        position=0, leave=True, dynamic_ncols=False)
 
   def update(self, step: int, info: str = "", force: bool = False):
-    if not self.enabled:
+    bar = self._bar
+    if bar is None:
       return
-    now = time.time()
-    if not force and (not self.tty or now - self.last_print < self.min_interval):
-      return  # off a terminal, only the log points print a line
-    done = step - self.start
-    elapsed = now - self.t0
-    speed = done / elapsed if elapsed > 0 else 0.0
-    eta = (self.total - step) / speed if speed > 0 else float("nan")
-    frac = step / max(self.total, 1)
-    bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-    line = (f"{self.desc} {step}/{self.total} [{bar}] {100 * frac:5.1f}% "
-            f"{speed * self.batch:7.1f} img/s ETA {_fmt_time(eta) if math.isfinite(eta) else '?'}"
-            f"{' | ' + info if info else ''}")
-    if self.tty:
-      self.stream.write("\r" + line[:200].ljust(120))
-    else:
-      self.stream.write(line + "\n")
-    self.stream.flush()
-    self.last_print = now
+    if not self.tty:
+      if force:  # off a terminal, only the log points print a line
+        bar.n, bar.info = step, info
+        self.stream.write(str(bar) + "\n")
+        self.stream.flush()
+      return
+    if info:
+      bar.info = info
+    if force:
+      bar.n = step
+      bar.refresh()
+      bar.last_print_n, bar.last_print_t = step, bar._time()
+    elif step != bar.n:
+      bar.update(step - bar.n)  # tqdm redraws once min_interval has passed
 
   def close(self):
-    if self.enabled and self.tty:
-      self.stream.write("\n")
-      self.stream.flush()
+    if self._bar is not None:
+      self._bar.close()  # on a terminal: the final line and a newline
+      self._bar = None
+      if self.tty:
+        self.stream.flush()

@@ -1,0 +1,462 @@
+"""Dataset layouts on disk: CUB-200-2011, NABirds, Stanford Cars, Stanford Dogs, FGVC-Aircraft
+and a folder per class, each read into a `FileSource` (the files each reads: the docstring of
+`fgjax.data.sources`; folder trees in docs/datasets.md).
+
+`_FILE_DATASETS` maps each name to its reader `(split, data_dir, skip_bad_images) -> FileSource`.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import re
+import warnings
+from typing import Sequence
+
+import numpy as np
+
+from fgjax.data.base import DatasetError, DatasetNotFoundError, Source, _check_labels
+from fgjax.data.images import BadImageError, open_image
+
+log = logging.getLogger("fgjax")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm", ".jfif")
+
+
+_ORIGIN = {
+    "cub": "CUB-200-2011 (CUB_200_2011.tgz from https://www.vision.caltech.edu/datasets/"
+           "cub_200_2011/, unpacked to a folder CUB_200_2011/)",
+    "nabirds": "NABirds (nabirds.tar.gz from https://dl.allaboutbirds.org/nabirds, unpacked "
+               "to a folder nabirds/)",
+    "stanford_cars": "Stanford Cars (car_ims.tgz + cars_annos.mat, or the devkit with cars_train/, "
+                     "cars_test/ and cars_test_annos_withlabels.mat; from "
+                     "https://ai.stanford.edu/~jkrause/cars/car_dataset.html)",
+    "stanford_dogs": "Stanford Dogs (images.tar + lists.tar from "
+                     "http://vision.stanford.edu/aditya86/ImageNetDogs/, unpacked together)",
+    "fgvc_aircraft": "FGVC-Aircraft (fgvc-aircraft-2013b.tar.gz from "
+                     "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/)",
+    "folder": "your own images, one sub-folder per class under train/ and val/ or test/",
+}
+_HOW = ("Point config key data.data_dir at it (--config.data.data_dir=/path/to/it); "
+        "see docs/datasets.md.")
+
+
+def _missing(name: str, data_dir, what: str) -> DatasetNotFoundError:
+  return DatasetNotFoundError(
+      f"{name}: {what} not found in data_dir={os.fspath(data_dir)!r}. The dataset is "
+      f"{_ORIGIN[name]}. {_HOW}")
+
+
+class FileSource(Source):
+  """Examples that are image files with integer labels (and optional object boxes).
+
+  Every listed file must exist (else `DatasetNotFoundError` naming the first missing one);
+  with `skip_bad_images=True` missing and undecodable files are dropped instead (see the
+  docstring of `fgjax.data.sources`).
+  """
+
+  def __init__(self, name: str, split: str, files: Sequence[str], labels, ids,
+               class_names: Sequence[str], object_boxes=None, skip_bad_images: bool = False,
+               root: str | None = None):
+    self.name, self.split = name, split
+    self.files = [os.fspath(f) for f in files]
+    self.labels = np.asarray(labels, np.int64).reshape(-1)
+    self.ids = np.asarray(ids, np.int64).reshape(-1)
+    self.class_names = [str(c) for c in class_names]
+    self.object_boxes = None if object_boxes is None else \
+        np.asarray(object_boxes, np.float32).reshape(-1, 4)
+    self.box_shapes = {} if self.object_boxes is None else {"object_box": (4,)}
+    self.num_skipped = 0
+    if not (len(self.files) == len(self.labels) == len(self.ids)):
+      raise DatasetError(f"{name}/{split}: {len(self.files)} files, {len(self.labels)} labels, "
+                         f"{len(self.ids)} ids")
+    if len(np.unique(self.ids)) != len(self.ids):
+      raise DatasetError(f"{name}/{split}: example ids are not unique")
+    _check_labels(name, split, self.labels, self.ids, self.num_classes, lambda i: self.files[i])
+    if skip_bad_images:
+      self._drop_bad_images()
+    else:
+      missing = [f for f in self.files if not os.path.isfile(f)]
+      if missing:
+        where = os.path.relpath(missing[0], root) if root else missing[0]
+        more = f" (and {len(missing) - 1} more of the {len(self.files)} {split} images)" \
+            if len(missing) > 1 else ""
+        origin = _ORIGIN.get(name)
+        raise DatasetNotFoundError(
+            f"{name}: image file {where} not found{more} in data_dir={root or ''!r}. "
+            + (f"The dataset is {origin}. " if origin else "") + _HOW
+            + " (get_source(..., skip_bad_images=True) / data.skip_bad_images=True skips "
+              "missing and undecodable images.)")
+    if len(self.files) == 0:
+      raise DatasetError(f"{name}/{split}: no examples")
+
+  def _keep(self, ok: np.ndarray):
+    self.files = [f for f, g in zip(self.files, ok) if g]
+    self.labels, self.ids = self.labels[ok], self.ids[ok]
+    if self.object_boxes is not None:
+      self.object_boxes = self.object_boxes[ok]
+
+  def _drop_bad_images(self):
+    def check(path):
+      try:
+        open_image(path, min_size=32)
+        return True
+      except (BadImageError, OSError):
+        return False
+    with concurrent.futures.ThreadPoolExecutor(max(os.cpu_count() or 1, 2) * 2) as pool:
+      ok = np.fromiter(pool.map(check, self.files), bool, len(self.files))
+    self.num_skipped = int((~ok).sum())
+    if self.num_skipped:
+      first = [f for f, g in zip(self.files, ok) if not g][:3]
+      msg = (f"{self.name}/{self.split}: skipped {self.num_skipped} of {len(ok)} images that are "
+             f"missing or cannot be decoded (skip_bad_images=True), e.g. {', '.join(first)}")
+      log.warning(msg)
+      warnings.warn(msg, stacklevel=3)
+      self._keep(ok)
+
+  def get(self, i, min_size=None):
+    path = self.files[i]
+    try:
+      img, scale = open_image(path, min_size, return_scale=True)
+    except FileNotFoundError:
+      raise BadImageError(f"image file missing: {path} (example id {int(self.ids[i])})") \
+          from None
+    rec = {"label": int(self.labels[i]), "id": int(self.ids[i]), "file": path}
+    if self.object_boxes is not None:
+      rec["object_box"] = self.object_boxes[i] * np.float32(scale)
+    return img, rec
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _resolve_dir(data_dir, default: str) -> str:
+  return os.path.abspath(os.path.expanduser(os.fspath(data_dir if data_dir is not None
+                                                      else default)))
+
+
+def _find_root(name: str, data_dir, markers: Sequence[str], candidates: Sequence[str],
+               default: str) -> str:
+  """The folder holding all `markers`: data_dir itself or one of its `candidates` sub-folders.
+  When none has them all, raises DatasetNotFoundError for the first marker missing in the best
+  candidate."""
+  base = _resolve_dir(data_dir, default)
+  if not os.path.isdir(base):
+    hint = "" if data_dir is not None else " (data.data_dir is not set)"
+    raise DatasetNotFoundError(f"{name}: folder {base!r} does not exist{hint}. The dataset is "
+                               f"{_ORIGIN[name]}. {_HOW}")
+  best, best_n = base, -1
+  for sub in ("",) + tuple(candidates):
+    root = os.path.join(base, sub) if sub else base
+    n = sum(os.path.exists(os.path.join(root, m)) for m in markers)
+    if n == len(markers):
+      return root
+    if n > best_n:
+      best, best_n = root, n
+  missing = next(m for m in markers if not os.path.exists(os.path.join(best, m)))
+  rel = os.path.relpath(os.path.join(best, missing), base)
+  raise _missing(name, base, rel)
+
+
+def _read_rows(path: str, name: str, base: str, maxsplit: int = -1) -> list[list[str]]:
+  if not os.path.isfile(path):
+    raise _missing(name, base, os.path.relpath(path, base))
+  with open(path, encoding="utf-8") as f:
+    return [line.split(None, maxsplit) for line in f if line.strip()]
+
+
+def _check_split(name, split, allowed=("train", "test")):
+  if split not in allowed:
+    raise ValueError(f"{name}: unknown split {split!r}; use one of {', '.join(allowed)}")
+
+
+def _xywh_to_xyxy(b):
+  b = np.asarray(b, np.float32).reshape(-1, 4)
+  return np.stack([b[:, 0], b[:, 1], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]], 1)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def _birds_source(name, split, data_dir, skip_bad_images):
+  """CUB-200-2011 and NABirds share their annotation files."""
+  _check_split(name, split)
+  folder = "CUB_200_2011" if name == "cub" else "nabirds"
+  files_needed = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
+  if name == "cub":
+    files_needed += ("bounding_boxes.txt",)
+  root = _find_root(name, data_dir, files_needed + ("images",), [folder],
+                    os.path.join("data", folder))
+  base = _resolve_dir(data_dir, os.path.join("data", folder))
+  rd = lambda f, k=-1: _read_rows(os.path.join(root, f), name, base, k)
+  images = rd("images.txt", 1)
+  labels = {r[0]: r[1] for r in rd("image_class_labels.txt")}
+  is_train = {r[0]: r[1] for r in rd("train_test_split.txt")}
+  class_text = {r[0]: (r[1].strip() if len(r) > 1 else r[0]) for r in rd("classes.txt", 1)}
+  boxes = None
+  if os.path.isfile(os.path.join(root, "bounding_boxes.txt")):
+    boxes = {r[0]: [float(v) for v in r[1:5]] for r in rd("bounding_boxes.txt")}
+  sort_key = lambda c: (0, int(c), "") if c.isdigit() else (1, 0, c)
+  if name == "cub":  # all classes of classes.txt, in id order
+    used = sorted(class_text, key=sort_key)
+  else:  # NABirds: only the (sparse) class ids that have images, in sorted order
+    used = sorted({labels[k] for k, _ in images if k in labels}, key=sort_key)
+  index_of = {c: i for i, c in enumerate(used)}
+  names = [re.sub(r"^\d+\.", "", class_text.get(c, c)) for c in used]
+  want = "1" if split == "train" else "0"
+  files, ys, ids, bxs = [], [], [], []
+  for pos, row in enumerate(images):
+    if len(row) < 2:
+      raise DatasetError(f"{name}: images.txt line {pos + 1} is not '<image id> <path>'")
+    key, rel = row[0], row[1].strip()
+    for table, fname in ((labels, "image_class_labels.txt"), (is_train, "train_test_split.txt")):
+      if key not in table:
+        raise DatasetError(f"{name}: image {key} ({rel}) has no entry in {fname}")
+    if is_train[key] != want:
+      continue
+    img_id = int(key) if (name == "cub" and key.isdigit()) else pos
+    if labels[key] not in index_of:
+      raise DatasetError(f"{name}/{split}: example id {img_id} ({rel}) has class id "
+                         f"{labels[key]}, which is not in classes.txt")
+    files.append(os.path.join(root, "images", rel))
+    ys.append(index_of[labels[key]])
+    ids.append(img_id)
+    if boxes is not None:
+      bxs.append(boxes.get(key, [0.0, 0.0, 0.0, 0.0]))
+  if not files:
+    raise DatasetError(f"{name}: the {split} split is empty (train_test_split.txt)")
+  return FileSource(name, split, files, ys, ids, names,
+                    _xywh_to_xyxy(bxs) if boxes is not None else None, skip_bad_images, root)
+
+
+def _mat_value(v):
+  """Unwraps scipy.io.loadmat's nested size-1 arrays to a str or a number."""
+  while isinstance(v, np.ndarray):
+    if v.size == 0:
+      return ""
+    if v.dtype.kind in "US":
+      return str(v.ravel()[0]) if v.size == 1 else "".join(map(str, v.ravel()))
+    if v.size != 1:
+      raise DatasetError(f"unexpected array of shape {v.shape} in a .mat annotation")
+    v = v.ravel()[0]
+  if isinstance(v, bytes):
+    return v.decode("utf-8", "replace")
+  return v.item() if isinstance(v, np.generic) else v
+
+
+def _loadmat(path, name, base):
+  if not os.path.isfile(path):
+    raise _missing(name, base, os.path.relpath(path, base))
+  import scipy.io
+  try:
+    return scipy.io.loadmat(path)
+  except Exception as e:  # noqa: BLE001 - scipy raises many kinds for corrupt files
+    raise DatasetError(f"{name}: cannot read {path}: {e}") from None
+
+
+def _mat_records(mat, key, fields, path, name):
+  """The struct array `key` of a loaded .mat as a list of {field: value} dicts."""
+  if key not in mat:
+    raise DatasetError(f"{name}: {path} has no variable {key!r}")
+  arr = mat[key].ravel()
+  have = arr.dtype.names or ()
+  lacking = [f for f in fields if f not in have]
+  if lacking:
+    raise DatasetError(f"{name}: {path} records lack the field(s) {', '.join(lacking)}")
+  return [{f: _mat_value(r[f]) for f in have} for r in arr]
+
+
+def _mat_strings(arr) -> list[str]:
+  return [str(_mat_value(v)) for v in np.asarray(arr).ravel()]
+
+
+def _cars_source(split, data_dir, skip_bad_images):
+  name = "stanford_cars"
+  _check_split(name, split)
+  base = _resolve_dir(data_dir, os.path.join("data", "stanford_cars"))
+  if not os.path.isdir(base):
+    hint = "" if data_dir is not None else " (data.data_dir is not set)"
+    raise DatasetNotFoundError(f"{name}: folder {base!r} does not exist{hint}. The dataset is "
+                               f"{_ORIGIN[name]}. {_HOW}")
+  root = next((os.path.join(base, sub) for sub in ("", "stanford_cars", "stanford-cars")
+               if os.path.isfile(os.path.join(base, sub, "cars_annos.mat")) or
+               os.path.isdir(os.path.join(base, sub, "devkit"))), None)
+  if root is None:
+    raise _missing(name, base, "cars_annos.mat (or devkit/cars_train_annos.mat)")
+  bbox = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
+  annos = os.path.join(root, "cars_annos.mat")
+  files, ys, boxes = [], [], []
+  if os.path.isfile(annos):
+    mat = _loadmat(annos, name, base)
+    names = _mat_strings(mat["class_names"]) if "class_names" in mat else None
+    for r in _mat_records(mat, "annotations", ("relative_im_path", "class", "test") + bbox,
+                          annos, name):
+      if bool(int(r["test"])) != (split == "test"):
+        continue
+      files.append(os.path.join(root, str(r["relative_im_path"])))
+      ys.append(int(r["class"]) - 1)
+      boxes.append([float(r[k]) for k in bbox])
+  else:
+    devkit = os.path.join(root, "devkit")
+    meta_path = os.path.join(devkit, "cars_meta.mat")
+    names = _mat_strings(_loadmat(meta_path, name, base)["class_names"]) \
+        if os.path.isfile(meta_path) else None
+    if split == "train":
+      path = os.path.join(devkit, "cars_train_annos.mat")
+      img_dir = os.path.join(root, "cars_train")
+    else:
+      path = next((p for p in (os.path.join(root, "cars_test_annos_withlabels.mat"),
+                               os.path.join(devkit, "cars_test_annos_withlabels.mat"))
+                   if os.path.isfile(p)), None)
+      if path is None:
+        raise _missing(name, base, "cars_test_annos_withlabels.mat (the test labels; "
+                                   "devkit/cars_test_annos.mat has none)")
+      img_dir = os.path.join(root, "cars_test")
+    mat = _loadmat(path, name, base)
+    if not os.path.isdir(img_dir):
+      raise _missing(name, base, os.path.relpath(img_dir, base) + "/")
+    nested = os.path.join(img_dir, os.path.basename(img_dir))  # e.g. cars_train/cars_train/
+    if os.path.isdir(nested):
+      img_dir = nested
+    for r in _mat_records(mat, "annotations", ("fname", "class") + bbox, path, name):
+      files.append(os.path.join(img_dir, str(r["fname"])))
+      ys.append(int(r["class"]) - 1)
+      boxes.append([float(r[k]) for k in bbox])
+  if names is None:
+    names = [f"class_{c + 1}" for c in range(max(ys) + 1)]
+  return FileSource(name, split, files, ys, np.arange(len(files)), names,
+                    np.asarray(boxes, np.float32).reshape(-1, 4), skip_bad_images, root)
+
+
+def _dogs_source(split, data_dir, skip_bad_images):
+  name = "stanford_dogs"
+  _check_split(name, split)
+  list_file = f"{split}_list.mat"
+  root = _find_root(name, data_dir, (list_file,), ["stanford_dogs", "lists"],
+                    os.path.join("data", "stanford_dogs"))
+  base = _resolve_dir(data_dir, os.path.join("data", "stanford_dogs"))
+  img_root = next((p for p in (os.path.join(root, "Images"), os.path.join(root, "images", "Images"),
+                               os.path.join(root, "images"), os.path.join(root, "..", "Images"))
+                   if os.path.isdir(p)), None)
+  if img_root is None:
+    raise _missing(name, base, "Images/")
+
+  def read_list(path):
+    mat = _loadmat(path, name, base)
+    for key in ("file_list", "labels"):
+      if key not in mat:
+        raise DatasetError(f"{name}: {path} has no variable {key!r}")
+    rels = _mat_strings(mat["file_list"])
+    labels = np.asarray(mat["labels"]).ravel().astype(np.int64) - 1
+    if len(rels) != len(labels):
+      raise DatasetError(f"{name}: {path}: {len(rels)} files but {len(labels)} labels")
+    return rels, labels
+
+  rels, labels = read_list(os.path.join(root, list_file))
+  synsets = {}  # class index -> synset folder name ("n02085620-Chihuahua")
+  for other in (split, "test" if split == "train" else "train"):
+    path = os.path.join(root, f"{other}_list.mat")
+    if os.path.isfile(path):
+      for rel, y in zip(*(read_list(path) if other != split else (rels, labels))):
+        synsets.setdefault(int(y), rel.replace("\\", "/").split("/")[0])
+  num = max(synsets) + 1 if synsets else 0
+  names = [synsets[c].split("-", 1)[-1] if c in synsets else f"class_{c}" for c in range(num)]
+  files = [os.path.join(img_root, r) for r in rels]
+  return FileSource(name, split, files, labels, np.arange(len(files)), names, None,
+                    skip_bad_images, root)
+
+
+def _aircraft_source(split, data_dir, skip_bad_images):
+  name = "fgvc_aircraft"
+  _check_split(name, split)
+  fname = "images_variant_trainval.txt" if split == "train" else "images_variant_test.txt"
+  root = _find_root(name, data_dir, (fname, "variants.txt", "images"),
+                    ["data", "fgvc-aircraft-2013b/data", "fgvc-aircraft-2013b"],
+                    os.path.join("data", "fgvc-aircraft-2013b"))
+  base = _resolve_dir(data_dir, os.path.join("data", "fgvc-aircraft-2013b"))
+  with open(os.path.join(root, "variants.txt"), encoding="utf-8") as f:
+    names = [line.strip() for line in f if line.strip()]
+  index = {v: i for i, v in enumerate(names)}
+  rows = _read_rows(os.path.join(root, fname), name, base, 1)
+  boxes = None
+  box_path = os.path.join(root, "images_box.txt")
+  if os.path.isfile(box_path):
+    boxes = {r[0]: [float(v) for v in r[1:5]] for r in _read_rows(box_path, name, base)}
+  files, ys, ids, bxs = [], [], [], []
+  for row in rows:
+    img_id, variant = row[0], row[1].strip() if len(row) > 1 else ""
+    if variant not in index:
+      raise DatasetError(f"{name}/{split}: image {img_id} has variant {variant!r}, which is not "
+                         f"in variants.txt")
+    files.append(os.path.join(root, "images", f"{img_id}.jpg"))
+    ys.append(index[variant])
+    ids.append(int(img_id) if img_id.isdigit() else len(ids))
+    if boxes is not None:
+      bxs.append(boxes.get(img_id, [0.0, 0.0, 0.0, 0.0]))
+  return FileSource(name, split, files, ys, ids, names,
+                    None if boxes is None else np.asarray(bxs, np.float32), skip_bad_images,
+                    root)
+
+
+def _list_images(folder: str) -> list[str]:
+  out = []
+  for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    out.extend(os.path.join(dirpath, f) for f in sorted(filenames)
+               if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+  return out
+
+
+def _folder_source(split, data_dir, skip_bad_images):
+  name = "folder"
+  _check_split(name, split, ("train", "val", "test"))
+  if data_dir is None:
+    raise DatasetNotFoundError(f"folder: no data_dir given. The dataset is {_ORIGIN[name]}. "
+                               f"{_HOW}")
+  root = _resolve_dir(data_dir, ".")
+  if not os.path.isdir(root):
+    raise DatasetNotFoundError(f"folder: folder {root!r} does not exist. The dataset is "
+                               f"{_ORIGIN[name]}. {_HOW}")
+  train_dir = os.path.join(root, "train")
+  if not os.path.isdir(train_dir):
+    raise _missing(name, root, "train/")
+  classes = sorted(d for d in os.listdir(train_dir)
+                   if os.path.isdir(os.path.join(train_dir, d)) and not d.startswith("."))
+  if not classes:
+    raise DatasetError(f"folder: {train_dir} has no class sub-folders")
+  if split == "train":
+    split_dir = train_dir
+  else:
+    cands = ["val"] if split == "val" else ["test", "val"]
+    split_dir = next((os.path.join(root, c) for c in cands if os.path.isdir(os.path.join(root, c))),
+                     None)
+    if split_dir is None:
+      raise _missing(name, root, "val/" if split == "val" else "test/ (or val/)")
+  index = {c: i for i, c in enumerate(classes)}
+  files, ys = [], []
+  for c in sorted(os.listdir(split_dir)):
+    cdir = os.path.join(split_dir, c)
+    if not os.path.isdir(cdir) or c.startswith("."):
+      continue
+    if c not in index:
+      raise DatasetError(f"folder: class folder {cdir} has no counterpart in {train_dir}; the "
+                         f"classes are the sub-folders of train/")
+    found = _list_images(cdir)
+    files.extend(found)
+    ys.extend([index[c]] * len(found))
+  if not files:
+    raise DatasetError(f"folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}")
+  return FileSource(name, split, files, ys, np.arange(len(files)), classes, None,
+                    skip_bad_images, root)
+
+
+
+_FILE_DATASETS = {
+    "cub": lambda split, d, skip: _birds_source("cub", split, d, skip),
+    "nabirds": lambda split, d, skip: _birds_source("nabirds", split, d, skip),
+    "stanford_cars": _cars_source,
+    "stanford_dogs": _dogs_source,
+    "fgvc_aircraft": _aircraft_source,
+    "folder": _folder_source,
+}

@@ -1,0 +1,57 @@
+"""Training methods, one module each; the protocol they follow is `fgjax.methods.base`.
+
+  classifier  cross-entropy (teachers, baselines, plain ViT/DeiT)
+  trs_deit    TRS-DeiT: hard distillation from a frozen teacher + contrastive loss
+  transfg     TransFG: part-layer cross-entropy + contrastive loss
+  pmg         PMG: progressive multi-granularity training (S + 1 updates per batch)
+  cal         CAL: counterfactual attention learning on WS-DAN
+
+`get_method(config, model, num_classes)` builds the method `config.method` names (a method
+defined elsewhere joins with `register(name, cls)`);
+`sections(name)` gives its config sections with their defaults (what `configs/common.py`
+adds to a config).
+"""
+from __future__ import annotations
+
+import copy
+
+from fgjax.methods.base import (Context, Helper, HelperEnv, Method, OptimizerSpec, Phase,
+                                Update)
+from fgjax.methods.cal import CAL
+from fgjax.methods.classifier import Classifier
+from fgjax.methods.pmg import PMG
+from fgjax.methods.regions import part_hits
+from fgjax.methods.transfg import TransFG
+from fgjax.methods.trs_deit import TRSDeiT
+
+METHODS: dict[str, type[Method]] = {"classifier": Classifier, "trs_deit": TRSDeiT,
+                                    "transfg": TransFG, "pmg": PMG, "cal": CAL}
+
+
+def register(name: str, cls: type[Method]) -> type[Method]:
+  """Makes `cls` available as `config.method = name` (a method defined outside fgjax: a
+  research project's own file, a test)."""
+  if not (isinstance(cls, type) and issubclass(cls, Method)):
+    raise TypeError(f"register({name!r}, ...): {cls!r} is not a subclass of fgjax.methods.Method")
+  METHODS[name] = cls
+  return cls
+
+
+def method_class(name: str) -> type[Method]:
+  if name not in METHODS:
+    raise ValueError(f"config.method: unknown method {name!r}; available: {sorted(METHODS)}")
+  return METHODS[name]
+
+
+def sections(name: str) -> dict[str, dict]:
+  """{config key: defaults} of method `name`'s own config sections (deep copies)."""
+  return copy.deepcopy({k: dict(v) for k, v in method_class(name).sections.items()})
+
+
+def get_method(config, model, num_classes) -> Method:
+  return method_class(config.get("method", "classifier"))(config, model, num_classes)
+
+
+__all__ = ["CAL", "Classifier", "Context", "Helper", "HelperEnv", "METHODS", "Method",
+           "OptimizerSpec", "PMG", "Phase", "TRSDeiT", "TransFG", "Update", "get_method",
+           "method_class", "part_hits", "register", "sections"]

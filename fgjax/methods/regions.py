@@ -1,0 +1,93 @@
+"""Where a ViT looks: the part-hit metric and the region pictures of the ViT-family methods.
+
+The selected patches are the model's own selection (TRS-DeiT's rollout argmax, TransFG's part
+selection) or, for a plain ViT/DeiT, the argmax of the TRS rollout score computed from its
+attention. The part-hit rate is the share of selected patches whose centre lies in a part box
+(beak, crest, throat of the synthetic birds; CUB's part locations); `part_hit_chance` is the
+share of all patches on a part box, what uniformly random picks would score.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fgjax.models import rollout, vit
+
+
+def part_hits(selected, part_boxes, grid, patch_size, stride):
+  """Per example, the share of selected patches whose centre lies in a part box (-1 = pad).
+
+  selected: (B, K) patch indices; part_boxes: (B, P, 4) x0, y0, x1, y1 in input pixels.
+  Returns (hits (B,), has_parts (B,)).
+  """
+  gw = grid[1]
+  row = selected // gw
+  col = selected % gw
+  cx = (col * stride + patch_size / 2.0)[:, :, None]
+  cy = (row * stride + patch_size / 2.0)[:, :, None]
+  b = part_boxes[:, None, :, :]
+  valid = b[..., 2] > b[..., 0]
+  inside = (cx >= b[..., 0]) & (cx < b[..., 2]) & (cy >= b[..., 1]) & (cy < b[..., 3]) & valid
+  hit = inside.any(-1).astype(jnp.float32).mean(-1)
+  has = valid.any(-1).any(-1)
+  return hit, has
+
+
+class Regions:
+  """Patch selection of a ViT-family model: evaluation values and pictures."""
+
+  def __init__(self, model: vit.VisionTransformer):
+    self.model = model
+    self.stride = model.patch_stride or model.patch_size
+
+  @classmethod
+  def of(cls, model) -> "Regions | None":
+    """A `Regions` for a ViT-family model, None for other models."""
+    return cls(model) if isinstance(model, vit.VisionTransformer) else None
+
+  def selection(self, variables, images):
+    """(logits, scores (B, heads, N), selected (B, heads)) in eval mode."""
+    m = self.model
+    logits, aux = m.apply(variables, images, train=False, return_attention=True)
+    if m.region_selection is not None:
+      return logits, aux["rollout"], aux["selected"]
+    scores = rollout.trs_scores(aux["attention"][:-1], m.num_prefix_tokens)
+    return logits, scores, rollout.select_per_head(scores)
+
+  def eval_outputs(self, variables, batch):
+    """(logits, {"part_hit", "has_parts", "part_hit_chance"}) for a batch with part boxes."""
+    m = self.model
+    if m.region_selection is not None:  # the model's own selection: no attention needed
+      logits, aux = m.apply(variables, batch["image"], train=False)
+      sel = aux["selected"]
+    else:
+      logits, _, sel = self.selection(variables, batch["image"])
+    boxes = batch["part_boxes"]
+    hit, has = part_hits(sel, boxes, m.grid, m.patch_size, self.stride)
+    n = m.grid[0] * m.grid[1]
+    every = jnp.broadcast_to(jnp.arange(n), (sel.shape[0], n))
+    chance = part_hits(every, boxes, m.grid, m.patch_size, self.stride)[0]
+    return logits, {"part_hit": hit, "has_parts": has, "part_hit_chance": chance}
+
+  @staticmethod
+  def summarize(values) -> dict[str, float]:
+    if "part_hit" not in values:
+      return {}
+    has = values["has_parts"].astype(bool)
+    if not has.any():
+      return {}
+    return {"part_hit_rate": float(values["part_hit"][has].mean()),
+            "part_hit_chance": float(values["part_hit_chance"][has].mean())}
+
+  def render(self, variables, images: np.ndarray, normalize: str) -> list:
+    """One PIL image per input: [selected patches | rollout heat-map]."""
+    from fgjax.methods import drawing
+    m = self.model
+    fn = jax.jit(lambda v, x: self.selection(v, x)[1:])
+    out = []
+    for i in range(len(images)):
+      scores, sel = jax.device_get(fn(variables, jnp.asarray(images[i:i + 1])))
+      out.append(drawing.render_regions(drawing.denormalize(images[i], normalize), scores[0],
+                                        sel[0], m.grid, m.patch_size, self.stride))
+    return out

@@ -1,0 +1,305 @@
+"""Set-up of a run: config files, data sources, model, method, optimizers, train state, restore.
+
+Everything here happens before the first step (or without one: `restore_model` rebuilds a
+finished run for evaluation, prediction and the toolkit). The loop (`fgjax.train.trainer`),
+`fgjax.train.modes` and `fgjax.teachers` build on it; it imports neither.
+
+- `build_optimizers` turns the method's declared optimizers (`Method.optimizers()`) into optax
+  transforms, each over its own parameter group with its own schedule; schedules count that
+  optimizer's updates (PMG makes S + 1 per batch; an alternating method makes some steps none).
+- `create_train_state` initialises the model from an example batch with the loader's element
+  spec (`Method.init_variables`), loads `config.init_from` into the model's checkpoint parts
+  (`Method.load_pretrained`), and lays the state out on the mesh: a plain dict {"params",
+  "opt": {optimizer: state over its group}, "step", "bad_step", ["ema"], [model collections]}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from fgjax import data as fgdata
+from fgjax import methods as fgmethods
+from fgjax import models
+from fgjax.methods import base as protocol
+from fgjax.train import checkpoint as ckpt_lib
+from fgjax.train import optim
+from fgjax.train import sharding
+
+log = logging.getLogger("fgjax")
+
+STATE_KEYS = ("params", "opt", "step", "bad_step", "ema")
+
+
+class TrainingError(RuntimeError):
+  """Training stopped for a reason the user must act on (message says which)."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def get_steps(config, name: str, steps_per_epoch: int, default=None):
+  """Reads `{name}_steps`, `{name}_epochs` or `{name}_examples` from `config` as steps."""
+  steps = config.get(f"{name}_steps")
+  epochs = config.get(f"{name}_epochs")
+  examples = config.get(f"{name}_examples")
+  given = [v is not None for v in (steps, epochs, examples)]
+  if sum(given) > 1:
+    raise ValueError(f"config: set only one of {name}_steps, {name}_epochs, {name}_examples")
+  if steps is not None:
+    return int(steps)
+  if epochs is not None:
+    return int(round(float(epochs) * steps_per_epoch))
+  if examples is not None:
+    return int(round(float(examples) / max(config.batch_size, 1)))
+  if default is None:
+    raise ValueError(f"config: set one of {name}_steps, {name}_epochs or {name}_examples")
+  return default
+
+
+def dtype_of(name: str):
+  try:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+  except KeyError:
+    raise ValueError(f"config.model.dtype must be float32 or bfloat16, got {name!r}") from None
+
+
+def save_config(config, workdir: str):
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir} an fgjax workdir?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def get_sources(config):
+  """(train, val or None, test) sources per config.data."""
+  dcfg = config.data
+  test_split = dcfg.get("test_split", "test")
+  train = get_source(config, "train")
+  test = get_source(config, test_split)
+  val = None
+  frac = float(dcfg.get("val_fraction", 0.0) or 0.0)
+  if frac > 0:
+    train, val = fgdata.split_train_val(train, frac, seed=int(config.seed))
+  return train, val, test
+
+
+def get_source(config, split: str):
+  """`fgjax.data.get_source` with `data.source_kwargs`, merged with `data.split_kwargs[split]`
+  (e.g. different synthetic example counts per split)."""
+  dcfg = config.data
+  kw = dict(dcfg.get("source_kwargs", {}) or {})
+  kw.update(dict((dcfg.get("split_kwargs", {}) or {}).get(split, {}) or {}))
+  if dcfg.get("skip_bad_images"):
+    kw["skip_bad_images"] = True
+  return fgdata.get_source(dcfg.name, split, dcfg.get("data_dir"), **kw)
+
+
+def pipeline_kwargs(config, train: bool) -> dict:
+  dcfg = config.data
+  kw = dict(image_size=int(config.model.img_size),
+            resize_size=int(dcfg.get("resize_size", config.model.img_size)),
+            normalize=dcfg.get("normalize", "imagenet"),
+            resize_mode=dcfg.get("resize_mode", "shorter"),
+            interpolation=dcfg.get("interpolation", "bilinear"),
+            worker_count=int(dcfg.get("worker_count", 0)),
+            prefetch=int(dcfg.get("prefetch", 2)))
+  if train:
+    kw.update(dict(dcfg.get("augment", {}) or {}))
+  return kw
+
+
+def make_train_iter(config, source):
+  return fgdata.make_train_loader(source, global_batch_size=int(config.batch_size),
+                                  seed=int(config.seed), **pipeline_kwargs(config, True))
+
+
+def make_eval_iter(config, source, batch_size: int | None = None):
+  bs = int(batch_size or config.get("eval_batch_size", config.batch_size))
+  return fgdata.make_eval_loader(source, global_batch_size=bs,
+                                 **pipeline_kwargs(config, train=False))
+
+
+def example_batch(spec: dict) -> dict:
+  """One example of a loader's element spec (`Loader.element_spec`), for initialisation."""
+  return {k: jnp.zeros((1,) + tuple(s.shape[1:]), s.dtype) for k, s in spec.items()}
+
+
+def config_example(config) -> dict:
+  """The example of the eval loader's spec for `config`, built without a data source (restoring
+  a finished run for prediction needs no dataset)."""
+  return example_batch(fgdata.batch_spec(int(config.model.img_size)))
+
+
+# ----------------------------------------------------------------------------- model, method
+
+
+def build_model(config, num_classes: int):
+  mcfg = config.model
+  kwargs = dict(mcfg.get("kwargs", {}) or {})
+  kwargs["dtype"] = dtype_of(mcfg.get("dtype", "float32"))
+  return models.create(mcfg.name, num_classes=num_classes, img_size=mcfg.img_size, **kwargs)
+
+
+def build(config, num_classes: int):
+  """(model, method) for `config`."""
+  model = build_model(config, num_classes)
+  return model, fgmethods.get_method(config, model, num_classes)
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltOptimizer:
+  """An optax transform over one parameter group (`mask`, a bool tree over the params) and
+  the schedule its learning-rate log reads (of the group's "new layers")."""
+  tx: optax.GradientTransformation
+  mask: Any
+  schedule: Callable
+  schedules: dict
+
+
+def lr_metric_name(optimizer: str) -> str:
+  return "lr" if optimizer == "default" else f"lr_{optimizer}"
+
+
+def build_optimizers(config, method, params_shape, steps_per_epoch: int | None = None,
+                     total_steps: int = 1) -> dict[str, BuiltOptimizer]:
+  """{name: BuiltOptimizer} from the method's declared optimizers.
+
+  Each optimizer's schedule spans its own updates over `total_steps` train steps (S + 1 per
+  step for PMG); epoch-based keys (warmup_epochs, decay_every_epochs) and step keys become
+  that optimizer's updates. Without steps_per_epoch (restoring: only the state's structure
+  matters) the schedules are constant.
+  """
+  specs = method.optimizers()
+  phases = method.phases()
+  unknown = sorted({u.optimizer for p in phases for u in p.updates} - set(specs))
+  if unknown:
+    raise ValueError(f"method {method.name!r}: updates name undeclared optimizers {unknown}; "
+                     f"declared: {sorted(specs)}")
+  masks = protocol.group_mask(specs, params_shape)
+  out = {}
+  for name, spec in specs.items():
+    total = int(protocol.updates_before(phases, name, int(total_steps)))
+    per_step = total / max(int(total_steps), 1)
+    ocfg = ml_collections.ConfigDict(dict(spec.config))
+    with ocfg.unlocked():
+      if steps_per_epoch is None:
+        ocfg.schedule = "constant"
+      else:
+        for key in ("warmup", "decay_every"):
+          if ocfg.get(f"{key}_epochs") is not None or ocfg.get(f"{key}_steps") is not None:
+            ocfg[f"{key}_steps"] = int(round(get_steps(ocfg, key, steps_per_epoch)
+                                             * per_step))
+    group = protocol.select(params_shape, masks[name])
+    tx, schedules = optim.make_optimizer(ocfg, group, max(total, 1))
+    out[name] = BuiltOptimizer(tx, masks[name], schedules["new"], schedules)
+  return out
+
+
+# ----------------------------------------------------------------------------- train state
+
+
+def params_shape(method, example):
+  return jax.eval_shape(lambda: method.init_variables(jax.random.key(0), example)["params"])
+
+
+def create_train_state(config, method, optimizers, mesh, rng, example,
+                       load_pretrained: bool = True):
+  """Initialises the variables from `example` (or loads `config.init_from` into the model's
+  checkpoint parts) and each optimizer's state over its group, laid out on the mesh by
+  `state_shardings` (replicated unless config.mesh.fsdp > 1)."""
+  def init(rng):
+    return method.init_variables(rng, example)
+
+  var_shardings = sharding.state_shardings(jax.eval_shape(init, rng), mesh)
+  variables = jax.jit(init, out_shardings=var_shardings)(rng)
+  if config.get("init_from") and load_pretrained:
+    loaded = method.load_pretrained(jax.device_get(variables), config.init_from,
+                                    tuple(config.get("init_dont_load", ()) or ()))
+    variables = jax.device_put(loaded, var_shardings)
+    log.info("initialised %s from %s", ", ".join(
+        k or "the model" for k in method.model.checkpoint_parts()), config.init_from)
+  variables = dict(variables)
+  params = variables.pop("params")
+  state = {"params": params, "step": jnp.zeros((), jnp.int32),
+           "bad_step": jnp.full((), -1, jnp.int32)}
+  state.update(variables)  # batch_stats and other collections
+  state["opt"] = {}
+  for name, o in optimizers.items():
+    group = protocol.select(params, o.mask)
+    shardings = sharding.state_shardings(jax.eval_shape(o.tx.init, group), mesh)
+    state["opt"][name] = jax.jit(o.tx.init, out_shardings=shardings)(group)
+  if float(config.get("ema_decay", 0.0) or 0.0) > 0:
+    state["ema"] = jax.tree.map(jnp.copy, params)
+  return jax.device_put(state, sharding.state_shardings(state, mesh))
+
+
+def collections(state) -> dict:
+  """The model's collections besides params (batch_stats, CAL's centers) in a train state."""
+  return {k: v for k, v in state.items() if k not in STATE_KEYS}
+
+
+def eval_variables(state) -> dict:
+  """Variables for `model.apply`: the EMA params when the run keeps an EMA."""
+  variables = {"params": state["ema"] if "ema" in state else state["params"]}
+  variables.update(collections(state))
+  return variables
+
+
+def abstract_train_state(config, method, optimizers, mesh, example):
+  """ShapeDtypeStructs (with the train state's shardings) of the train state, for restoring."""
+  abstract = jax.eval_shape(lambda: create_train_state(
+      config, method, optimizers, mesh, jax.random.key(0), example, load_pretrained=False))
+  return sharding.abstract_with_shardings(abstract, mesh)
+
+
+def restore_model(workdir: str, prefer: str = "best", mesh=None, num_classes=None):
+  """Rebuilds the model of a finished or running fgjax workdir and restores its variables.
+
+  Returns (config, model, method, variables for `model.apply`, info dict). Uses the best
+  validation checkpoint when there is one (unless prefer="last"); EMA params when the run kept
+  an EMA.
+  """
+  config = load_config(workdir)
+  mesh = mesh or sharding.make_mesh(config)
+  if num_classes is None:
+    num_classes = int(config.get("num_classes_resolved", 0) or 0) or None
+  if num_classes is None:
+    raise ValueError(f"{workdir}/config.json lacks num_classes_resolved")
+  model, method = build(config, num_classes)
+  example = config_example(config)
+  optimizers = build_optimizers(config, method, params_shape(method, example))
+  abstract = abstract_train_state(config, method, optimizers, mesh, example)
+  state, step, which = ckpt_lib.restore_params_from_workdir(workdir, abstract, prefer)
+  info = {"step": int(step), "checkpoint": which, "workdir": workdir}
+  return config, model, method, eval_variables(state), info
+
+
+def build_helpers(method, env: protocol.HelperEnv):
+  """(fns, inputs) of the method's frozen helpers, each built once (and logged)."""
+  fns, inputs = {}, {}
+  for name, helper in method.helpers().items():
+    fns[name], inputs[name], desc = helper.build(env)
+    log.info("%s: %s", name, desc)
+  return fns, inputs
