@@ -113,6 +113,9 @@ def test_overlapping_groups_and_undeclared_optimizers_are_errors():
   specs = {"a": methods.OptimizerSpec({}, ("head/.*",)), "b": methods.OptimizerSpec({}, (".*",))}
   with pytest.raises(ValueError, match="'a' and 'b' both claim parameter 'head/kernel'"):
     protocol.group_mask(specs, {"head": {"kernel": 0}, "stage0": {"kernel": 0}})
+  specs = {"a": methods.OptimizerSpec({}, ("head/.*",)), "b": methods.OptimizerSpec({}, ("x.*",))}
+  with pytest.raises(ValueError, match=r"optimizer 'b' claims no parameter"):
+    protocol.group_mask(specs, {"head": {"kernel": 0}, "stage0": {"kernel": 0}})
   cfg = toy_config()
   model, method = setup.build(cfg, 4)
   method.phases = lambda: (methods.Phase((methods.Update(method.ce, "c"),)),)
@@ -160,3 +163,44 @@ def test_alternating_groups_train_through_the_trainer(tmp_path, monkeypatch):
   fx.interrupted_run(toy_config(), tmp_path / "resumed", monkeypatch, at_step=4)
   resumed = _states(tmp_path / "resumed", cfg)
   assert _same(resumed[8], states[8])
+
+
+def test_a_wrapper_hands_each_part_to_its_own_loader(tmp_path):
+  """A model with two ResNet trunks (as RA-CNN's scales will be) names both in
+  `checkpoint_parts`; one timm checkpoint loads into each, the rest stays fresh."""
+  import flax.linen as nn
+  timm = pytest.importorskip("timm")
+  from safetensors.numpy import save_file
+
+  from fgjax import convert
+  from fgjax.models import resnet
+
+  class TwoTrunks(nn.Module):  # submodules as fields, as PMG's and CAL's backbone
+    num_classes: int
+    a: nn.Module
+    b: nn.Module
+    img_size: int = 32
+
+    def checkpoint_parts(self):
+      return {"a": self.a, "b": self.b}
+
+    @nn.compact
+    def __call__(self, x, *, train=False):
+      fa, _ = self.a(x, train=train)
+      fb, _ = self.b(x, train=train)
+      return nn.Dense(self.num_classes, name="head")(fa + fb), {}
+
+  ref = timm.create_model("resnet18", pretrained=False, num_classes=1000)
+  sd = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
+  save_file(sd, str(tmp_path / "r18.safetensors"))
+  trunk = lambda: resnet.ResNet(num_classes=0, depth=18, img_size=32)
+  model = TwoTrunks(3, trunk(), trunk())
+  fresh = jax.device_get(dict(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))))
+  loaded = convert.load_into_model(model, fresh, str(tmp_path / "r18.safetensors"))
+  want = sd["layer2.0.conv1.weight"].transpose(2, 3, 1, 0)
+  for part in ("a", "b"):
+    np.testing.assert_array_equal(loaded["params"][part]["layer2_0"]["conv1"]["kernel"], want)
+    np.testing.assert_array_equal(loaded["batch_stats"][part]["bn1"]["var"],
+                                  sd["bn1.running_var"])
+  np.testing.assert_array_equal(loaded["params"]["head"]["kernel"],
+                                fresh["params"]["head"]["kernel"])

@@ -55,7 +55,8 @@ Evaluation
 
 Visualisation
   `draws` says whether the method draws anything; `render(variables, images, normalize)` -> a
-  list of PIL images, one per input image (e.g. the selected patches and the rollout heat-map).
+  list of PIL images, one per input image (e.g. the selected patches and the rollout heat-map),
+  saved as `<image>_<picture>.png`.
 
 Pretrained weights
   `load_pretrained(variables, path, dont_load)` (default: `fgjax.convert.load_into_model` with
@@ -166,7 +167,8 @@ def updates_before(phases: Sequence[Phase], optimizer: str, step):
 
 
 def group_mask(specs: Mapping[str, OptimizerSpec], params) -> dict[str, Any]:
-  """{optimizer: bool tree over `params`}; raises if two optimizers claim one parameter."""
+  """{optimizer: bool tree over `params`}; raises if two optimizers claim one parameter or one
+  claims none."""
   flat = traverse_util.flatten_dict(params, sep="/")
   owner: dict[str, str] = {}
   for name, spec in specs.items():
@@ -176,6 +178,10 @@ def group_mask(specs: Mapping[str, OptimizerSpec], params) -> dict[str, Any]:
           raise ValueError(f"optimizers {owner[path]!r} and {name!r} both claim parameter "
                            f"{path!r}; their `params` patterns must not overlap")
         owner[path] = name
+  for name, spec in specs.items():
+    if name not in owner.values():
+      raise ValueError(f"optimizer {name!r} claims no parameter: its patterns {spec.params} "
+                       f"match none of {sorted(flat)[:6]}...")
   return {name: traverse_util.unflatten_dict({p: owner.get(p) == name for p in flat}, sep="/")
           for name in specs}
 
@@ -211,6 +217,8 @@ class Method:
     self.num_classes = num_classes
     self.label_smoothing = float(config.get("label_smoothing", 0.0))
     self.regions = Regions.of(model)
+
+  picture = "regions"  # file-name suffix of what `render` draws (`<image>_regions.png`)
 
   @property
   def draws(self) -> bool:

@@ -91,6 +91,8 @@ class CAL(Method):
     logits, aux = self.model.apply(variables, batch["image"], train=False)
     return {"logits": logits, "raw": aux["raw_logits"], "effect": aux["effect_logits"]}, {}
 
+  picture = "attention"
+
   @property
   def draws(self) -> bool:
     return True

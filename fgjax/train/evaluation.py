@@ -5,8 +5,8 @@
   the method's per-example values (e.g. part hits).
 - `evaluate(...)`: top-1, top-5 and mean per-class accuracy per head over a padded eval loader
   (every example counted once), plus the method's own metrics (`Method.summarize`).
-- `predict_batches` / `predict_images`: the method's "logits" head for the batches of a source
-  or for image files, sharded over every device (the toolkit's entry points: TTA, ensembles,
+- `predict_batches` / `predict_source` / `predict_images`: the method's "logits" head for the
+  batches of a loader, a whole source or image files, sharded over every device (the toolkit's entry points: TTA, ensembles,
   pseudo-labels, submissions).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fgjax import data as fgdata
-from fgjax.train.setup import TrainingError, pipeline_kwargs
+from fgjax.train.setup import TrainingError, make_eval_iter, pipeline_kwargs
 from fgjax.train import sharding
 
 
@@ -91,6 +91,11 @@ def predict_batches(method, variables, batches: Iterator, mesh) -> dict[str, np.
             "id": np.zeros((0,), np.int32)}
   m = out.pop("mask").astype(bool)
   return {k: v[m] for k, v in out.items()}
+
+
+def predict_source(config, method, variables, source, mesh) -> dict[str, np.ndarray]:
+  """`predict_batches` over one ordered pass of `source` with the run's eval transform."""
+  return predict_batches(method, variables, iter(make_eval_iter(config, source)), mesh)
 
 
 def predict_images(config, method, variables, paths, mesh, batch_size: int | None = None):

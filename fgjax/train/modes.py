@@ -96,9 +96,8 @@ def visualize(workdir: str, paths, output: str | None = None, which: str = "best
     x = np.asarray(batch["image"])[:n]
     names = [f"test_{int(i)}" for i in np.asarray(batch["id"])[:n]]
   written = []
-  suffix = "regions" if method.regions is not None else method.name
   for name, img in zip(names, method.render(variables, x, kw["normalize"])):
-    path = os.path.join(output, f"{name}_{suffix}.png")
+    path = os.path.join(output, f"{name}_{method.picture}.png")
     img.save(path)
     written.append(path)
   log.info("wrote %d images to %s", len(written), output)
@@ -111,8 +110,7 @@ def export_teacher(workdir: str, output: str | None = None, which: str = "best",
   cfg, model, method, variables, info = _restore(workdir, which, config)
   mesh = sharding.make_mesh(cfg)
   train_src = setup.get_source(cfg, "train")
-  out = evaluation.predict_batches(method, variables, iter(setup.make_eval_iter(cfg, train_src)),
-                                   mesh)
+  out = evaluation.predict_source(cfg, method, variables, train_src, mesh)
   ids, logits = out["id"], out["logits"]
   output = output or os.path.join(workdir, "teacher_predictions.npz")
   if jax.process_index() == 0:
