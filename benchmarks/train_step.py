@@ -136,6 +136,8 @@ def make_fgjax_step(name: str, kind: str, img: int, dtype, model_kwargs=None):
   else:
     cfg = cfgs.base_config({"trs": "trs_deit"}.get(kind, kind))
     cfg.model.name, cfg.model.img_size = name, img
+    # The methods benchmarked here have one phase (every step alike); an alternating method
+    # would be timed per phase.
     updates = methods.get_method(cfg, model, NUM_CLASSES).phases()[0].updates
 
   def step(p, o, extra, batch, rng):  # the trainer's update loop (without its bookkeeping)

@@ -62,7 +62,7 @@ def base_config(method: str = "classifier") -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = None
   c.checkpoint_every_epochs = None
   c.keep_checkpoints = 3
-  c.visualize_examples = 0  # region PNGs of the first N test images after training
+  c.visualize_examples = 0  # run.py draws the first N test images after training (if the method draws)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   for key, defaults in methods.sections(method).items():
     c[key] = ml_collections.ConfigDict(defaults)

@@ -1,7 +1,8 @@
 """Teachers for hard distillation (DeiT / TRS-DeiT): online or offline.
 
 The frozen helper of the `trs_deit` method (`fgjax.methods.trs_deit.TeacherHelper`) builds
-its teacher here. `config.teacher` options (the first that is set wins):
+its teacher here (after `teacher.train_first`, if set, has trained into `<workdir>/teacher`
+and stands as the checkpoint). `config.teacher` options (the first that is set wins):
   checkpoint:  an fgjax workdir (its best, else last, checkpoint) or an fgjax params `.npz`
                (`python -m fgjax.tools.convert`, with its metadata). The teacher runs frozen
                inside the jitted train step on the student's (augmented) batch; its argmax is

@@ -204,3 +204,30 @@ def test_a_wrapper_hands_each_part_to_its_own_loader(tmp_path):
                                   sd["bn1.running_var"])
   np.testing.assert_array_equal(loaded["params"]["head"]["kernel"],
                                 fresh["params"]["head"]["kernel"])
+
+
+def test_a_registered_method_restores_without_its_registration(tmp_path):
+  """config.json names the method's class, so eval/predict of a run of a method registered
+  outside fgjax work in a process that never registered it (no --config)."""
+  cfg = toy_config(total_steps=2)
+  trainer.train_and_evaluate(cfg, str(tmp_path))
+  saved = json.load(open(tmp_path / "config.json"))
+  assert saved["method_import_resolved"] == "test_method_protocol:ToyAlternating"
+  assert saved["batch_spec_resolved"]["image"] == [[32, 32, 3], "float32"]
+  del methods.METHODS["toy_alternating"]
+  try:
+    _, _, method, variables, info = setup.restore_model(str(tmp_path))
+    assert type(method).__name__ == "ToyAlternating" and info["step"] == 2
+  finally:
+    methods.register("toy_alternating", ToyAlternating)
+
+
+def test_a_teacher_run_stopped_by_a_signal_stops_the_student():
+  from fgjax.methods.trs_deit import TeacherHelper
+  cfg = common.base_config("trs_deit")
+  cfg.teacher.train_first = common.base_config("classifier")
+  env = methods.HelperEnv(config=cfg, mesh=None, train_source=None, workdir="/nonexistent",
+                          restore=None, train=lambda c, w: {"stopped_at": 3})
+  with pytest.raises(protocol.HelperStopped, match="teacher run stopped at step 3"):
+    TeacherHelper(cfg.teacher).build(env)
+  assert cfg.teacher.checkpoint == ""  # the student's config still names no teacher

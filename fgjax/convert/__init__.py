@@ -390,25 +390,47 @@ def load_backbone(path: str | os.PathLike, backbone) -> dict:
   return {"params": params, **_merge_collections(backbone, collections, path)}
 
 
+def load_parts(model, path: str | os.PathLike, *, dont_load: Sequence[str] = (),
+               rng: jax.Array | int = 0) -> dict[str, dict]:
+  """The checkpoint at `path` fitted to every part the model names in
+  `model.checkpoint_parts()`: {"": model} for a whole model (a ViT, a ResNet), {"backbone":
+  module} for a wrapper (PMG, CAL), several parts for a model with several trunks. Each part
+  goes through its own module's renaming, position-embedding resampling and head rules
+  (`merge_into_model`; `dont_load` regexes are paths inside the part, and re-initialised
+  leaves come from `init_params(part, rng)`), and must fit exactly (otherwise a
+  `CheckpointMismatchError` lists the differences). Returns {part key: {"params": ...,
+  ["batch_stats": ...]}} of numpy arrays; the caller puts them into the model's variables
+  (`load_into_model`, or sharded on a mesh by `fgjax.train.setup`)."""
+  path = os.fspath(path)
+  loaded, unexpected, collections = _detect_and_rename(read_file(path), path)
+  out = {}
+  for key, part in model.checkpoint_parts().items():
+    params = merge_into_model(part, loaded, unexpected, path=path, dont_load=dont_load, rng=rng)
+    out[key] = {"params": params, **_merge_collections(part, collections, path)}
+  return out
+
+
+def put_parts(variables: Mapping[str, Any], parts: Mapping[str, Mapping[str, Any]],
+              place=lambda tree, target: tree) -> dict:
+  """`variables` with each loaded part (`load_parts`) in its place: key "" replaces whole
+  collections, another key the sub-tree of that name. `place(tree, target)` may move a loaded
+  tree next to the array tree it replaces (e.g. `jax.device_put` with its shardings)."""
+  out = {name: dict(tree) for name, tree in variables.items()}
+  for key, colls in parts.items():
+    for name, tree in colls.items():
+      if key:
+        out[name][key] = place(tree, out[name][key])
+      else:
+        out[name] = place(tree, out[name])
+  return out
+
+
 def load_into_model(model, variables: Mapping[str, Any], path: str | os.PathLike, *,
                     dont_load: Sequence[str] = (), rng: jax.Array | int = 0) -> dict:
   """`variables` (the model's fresh ones) with the checkpoint at `path` loaded into every part
-  the model names in `model.checkpoint_parts()`: {"": model} for a whole model (a ViT, a
-  ResNet), {"backbone": module} for a wrapper (PMG, CAL), so each part goes through its own
-  module's renaming, position-embedding resampling and head rules (`merge_into_model`). Parts
-  not named keep their fresh values; every named part must fit exactly (otherwise a
-  `CheckpointMismatchError` lists the differences). Returns numpy trees."""
-  path = os.fspath(path)
-  loaded, unexpected, collections = _detect_and_rename(read_file(path), path)
-  out = {name: dict(tree) for name, tree in variables.items()}
-  for key, part in model.checkpoint_parts().items():
-    params = merge_into_model(part, loaded, unexpected, path=path, dont_load=dont_load, rng=rng)
-    for name, tree in {"params": params, **_merge_collections(part, collections, path)}.items():
-      if key:
-        out[name][key] = tree
-      else:
-        out[name] = tree
-  return out
+  the model names in `model.checkpoint_parts()` (`load_parts`); parts not named keep their
+  values."""
+  return put_parts(variables, load_parts(model, path, dont_load=dont_load, rng=rng))
 
 
 def _merge_collections(model, collections: Mapping[str, Mapping[str, np.ndarray]],

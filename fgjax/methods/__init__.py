@@ -14,6 +14,7 @@ adds to a config).
 from __future__ import annotations
 
 import copy
+import importlib
 
 from fgjax.methods.base import (Context, Helper, HelperEnv, Method, OptimizerSpec, Phase,
                                 Update)
@@ -37,7 +38,25 @@ def register(name: str, cls: type[Method]) -> type[Method]:
   return cls
 
 
-def method_class(name: str) -> type[Method]:
+def import_path(cls: type[Method]) -> str:
+  """'module:QualName' of a method class (saved with a run, see `method_class`)."""
+  return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def method_class(name: str, import_from: str | None = None) -> type[Method]:
+  """The class of method `name`; one registered outside fgjax that is not registered in this
+  process (restoring its run without its config file) is imported from `import_from`
+  ('module:QualName', saved by the run as `method_import_resolved`)."""
+  if name not in METHODS and import_from:
+    module, _, qualname = import_from.partition(":")
+    try:
+      obj = importlib.import_module(module)
+      for part in qualname.split("."):
+        obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+      raise ValueError(f"config.method: {name!r} is not registered and {import_from!r} does "
+                       f"not import ({e}); import the module that registers it") from None
+    register(name, obj)
   if name not in METHODS:
     raise ValueError(f"config.method: unknown method {name!r}; available: {sorted(METHODS)}")
   return METHODS[name]
@@ -49,9 +68,10 @@ def sections(name: str) -> dict[str, dict]:
 
 
 def get_method(config, model, num_classes) -> Method:
-  return method_class(config.get("method", "classifier"))(config, model, num_classes)
+  cls = method_class(config.get("method", "classifier"), config.get("method_import_resolved"))
+  return cls(config, model, num_classes)
 
 
 __all__ = ["CAL", "Classifier", "Context", "Helper", "HelperEnv", "METHODS", "Method",
            "OptimizerSpec", "PMG", "Phase", "TRSDeiT", "TransFG", "Update", "get_method",
-           "method_class", "part_hits", "register", "sections"]
+           "import_path", "method_class", "part_hits", "register", "sections"]

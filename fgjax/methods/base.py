@@ -1,10 +1,12 @@
 """The method protocol: what a method declares, and all that the trainer runs.
 
 A method is one module of `fgjax.methods` holding a subclass of `Method`, registered in
-`fgjax.methods.METHODS` and built by `fgjax.methods.get_method(config, model, num_classes)`. A
-new method is one model file (`fgjax/models/`), one method file (here) and one config
-(`configs/`); `fgjax/train` is never edited for it. The trainer calls exactly the members below
-and probes nothing (no `hasattr`/`getattr` on methods or models).
+`fgjax.methods.METHODS` (one line in `fgjax/methods/__init__.py`, or
+`fgjax.methods.register(name, cls)` from a module of your own) and built by
+`fgjax.methods.get_method(config, model, num_classes)`. A new method is one model file
+(`fgjax/models/`, with its factory registered in `fgjax/models/__init__.py`), one method file
+and one config (`configs/`); `fgjax/train` is never edited for it. The trainer calls exactly
+the members below and probes nothing (no `hasattr`/`getattr` on methods or models).
 
 Config
   `sections`: {config key: defaults} of the method's own config sections, declared once (e.g.
@@ -36,7 +38,8 @@ Updates
   (metrics, new extra))`, where `params` is the full parameter tree, `extra` the model's other
   collections (BatchNorm statistics, CAL's centres) and `ctx` a `Context` (step number, rng,
   batch, the helpers' outputs). The gradient is taken with respect to the update's optimizer
-  group only: parameters and optimizer states outside it are left bit for bit unchanged.
+  group only: parameters and optimizer states outside it are left bit for bit unchanged (the
+  model's other collections, e.g. BatchNorm statistics, are whatever the loss returns).
   Examples: one update per step (the default); PMG's S + 1 sequential updates with one shared
   optimizer (one phase of S + 1 updates); RA-CNN-style alternation (optimizer A for N steps,
   then B for M: two phases).
@@ -59,9 +62,10 @@ Visualisation
   saved as `<image>_<picture>.png`.
 
 Pretrained weights
-  `load_pretrained(variables, path, dont_load)` (default: `fgjax.convert.load_into_model` with
-  the model's `checkpoint_parts()`): each model names the submodules a checkpoint loads into,
-  so a wrapper (PMG, CAL) hands its backbone to the backbone's own loader.
+  `load_pretrained(path, dont_load)` -> {part: variables} (default: `fgjax.convert.load_parts`
+  over the model's `checkpoint_parts()`): each model names the submodules a checkpoint loads
+  into, so a wrapper (PMG, CAL) hands its backbone to the backbone's own loader; the set-up
+  puts each part into the fresh variables with that part's shardings.
 """
 from __future__ import annotations
 
@@ -130,6 +134,15 @@ class HelperEnv:
   workdir: str
   restore: Callable[..., Any]
   train: Callable[..., Any] | None = None
+
+
+class HelperStopped(RuntimeError):
+  """A helper's own training run (`env.train`) was stopped by a signal before it finished;
+  `run` names it. The trainer stops too (a rerun resumes that run)."""
+
+  def __init__(self, run: str, step: int):
+    super().__init__(f"the {run} run stopped at step {step} before it finished")
+    self.run, self.step = run, step
 
 
 class Helper:
@@ -285,7 +298,8 @@ class Method:
     return self.regions.render(variables, images, normalize)
 
   # ------------------------------------------------------------------ pretrained weights
-  def load_pretrained(self, variables: dict, path: str, dont_load: Sequence[str] = ()) -> dict:
-    """`variables` with the checkpoint at `path` loaded into the model's checkpoint parts."""
+  def load_pretrained(self, path: str, dont_load: Sequence[str] = ()) -> dict[str, dict]:
+    """The checkpoint at `path` fitted to the model's checkpoint parts: {part key ("" = the
+    whole model): {collection: tree}} (`fgjax.convert.load_parts`)."""
     from fgjax import convert
-    return convert.load_into_model(self.model, variables, path, dont_load=dont_load)
+    return convert.load_parts(self.model, path, dont_load=dont_load)

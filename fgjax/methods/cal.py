@@ -62,7 +62,8 @@ class CAL(Method):
   def loss(self, params, extra, ctx):
     r_raw, r_aug, r_views = jax.random.split(ctx.rng, 3)
     x, y = ctx.batch["image"], ctx.batch["label"]
-    logits, aux, new_vars = self.apply_train(params, extra, x, rng=r_raw)
+    logits, aux, new_vars = self.apply_train(params, extra, *self.model_inputs(ctx.batch),
+                                             rng=r_raw)
     crops, drops, _, _ = self.augment(x, aux["attention_maps"], r_views)
     y2 = jnp.concatenate([y, y])
     logits_aug, aux_aug, new_vars = self.apply_train(
@@ -88,7 +89,7 @@ class CAL(Method):
     return loss, (metrics, new_vars)
 
   def eval_outputs(self, variables, batch):
-    logits, aux = self.model.apply(variables, batch["image"], train=False)
+    logits, aux = self.model.apply(variables, *self.model_inputs(batch), train=False)
     return {"logits": logits, "raw": aux["raw_logits"], "effect": aux["effect_logits"]}, {}
 
   picture = "attention"

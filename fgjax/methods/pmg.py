@@ -57,7 +57,7 @@ class PMG(Method):
   def loss(self, params, extra, ctx):
     """The last update: the original images, `concat_weight` x CE on the concat head."""
     y = ctx.batch["label"]
-    _, aux, new = self.apply_train(params, extra, ctx.batch["image"], rng=ctx.rng)
+    _, aux, new = self.apply_train(params, extra, *self.model_inputs(ctx.batch), rng=ctx.rng)
     ce = losses.cross_entropy(aux["concat_logits"], y, self.label_smoothing)
     loss = self.concat_weight * ce
     acc = (jnp.argmax(aux["concat_logits"], -1) == y).mean()
@@ -68,5 +68,5 @@ class PMG(Method):
     return (Phase(tuple(updates) + (Update(self.loss),)),)
 
   def eval_outputs(self, variables, batch):
-    _, aux = self.model.apply(variables, batch["image"], train=False)
+    _, aux = self.model.apply(variables, *self.model_inputs(batch), train=False)
     return {"logits": aux["concat_logits"], "combined": aux["combined_logits"]}, {}

@@ -43,8 +43,13 @@ class Regions:
 
   @classmethod
   def of(cls, model) -> "Regions | None":
-    """A `Regions` for a ViT-family model, None for other models."""
-    return cls(model) if isinstance(model, vit.VisionTransformer) else None
+    """A `Regions` for a ViT-family model that selects patches (its own selection, or the
+    rollout over the blocks before the last: depth >= 2), None for other models."""
+    if not isinstance(model, vit.VisionTransformer):
+      return None
+    if model.region_selection is None and model.depth < 2:
+      return None
+    return cls(model)
 
   def selection(self, variables, images):
     """(logits, scores (B, heads, N), selected (B, heads)) in eval mode."""

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from fgjax import losses
 from fgjax.methods.base import Method
+from fgjax.models import vit
 
 
 class TransFG(Method):
@@ -18,7 +19,8 @@ class TransFG(Method):
 
   def __init__(self, config, model, num_classes):
     super().__init__(config, model, num_classes)
-    if self.regions is None or model.distilled or model.region_selection is None:
+    if (not isinstance(model, vit.VisionTransformer) or model.distilled
+        or model.region_selection is None):
       raise ValueError(f"config.method='transfg' needs a ViT with part selection and no dist "
                        f"token (e.g. transfg_base_patch16); got config.model.name="
                        f"{config.model.name!r}")
@@ -27,7 +29,8 @@ class TransFG(Method):
     self.contrastive = bool(tcfg["contrastive"])
 
   def loss(self, params, extra, ctx):
-    logits, aux, new_vars = self.apply_train(params, extra, ctx.batch["image"], rng=ctx.rng)
+    logits, aux, new_vars = self.apply_train(params, extra, *self.model_inputs(ctx.batch),
+                                             rng=ctx.rng)
     y = ctx.batch["label"]
     ce = losses.cross_entropy(logits, y, self.label_smoothing)
     metrics = {"ce": ce}

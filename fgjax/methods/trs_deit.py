@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from fgjax import losses, teachers
-from fgjax.methods.base import Helper, HelperEnv, Method
+from fgjax.methods.base import Helper, HelperEnv, HelperStopped, Method
+from fgjax.models import vit
 
 log = logging.getLogger("fgjax")
 
@@ -40,10 +41,16 @@ class TeacherHelper(Helper):
       first = tcfg.train_first
       if not os.path.exists(os.path.join(teacher_dir, "final_metrics.json")):
         log.info("phase 1: training the teacher (%s) in %s", first.model.name, teacher_dir)
-        env.train(first, teacher_dir)
+        result = env.train(first, teacher_dir)
+        if "stopped_at" in result:  # SIGTERM in phase 1: no student from a partial teacher
+          raise HelperStopped("teacher", result["stopped_at"])
       log.info("phase 2: training %s with the teacher from %s", env.config.model.name,
                teacher_dir)
       tcfg.checkpoint = teacher_dir
+      # The student's saved config names the teacher it used (its checkpoint).
+      with env.config.unlocked():
+        env.config.teacher.checkpoint = teacher_dir
+        env.config.teacher.train_first = None
     return teachers.make_teacher(tcfg, env.mesh, env.train_source, env.restore)
 
 
@@ -59,7 +66,7 @@ class TRSDeiT(Method):
 
   def __init__(self, config, model, num_classes):
     super().__init__(config, model, num_classes)
-    if self.regions is None or not model.distilled:
+    if not isinstance(model, vit.VisionTransformer) or not model.distilled:
       raise ValueError(f"config.method='trs_deit' needs a distilled model (with a dist token); "
                        f"config.model.name={config.model.name!r} has none")
     trs = self.section("trs")
@@ -78,7 +85,8 @@ class TRSDeiT(Method):
     return {}
 
   def loss(self, params, extra, ctx):
-    logits, aux, new_vars = self.apply_train(params, extra, ctx.batch["image"], rng=ctx.rng)
+    logits, aux, new_vars = self.apply_train(params, extra, *self.model_inputs(ctx.batch),
+                                             rng=ctx.rng)
     y = ctx.batch["label"]
     y_t = ctx.helpers.get("teacher", y)
     a = self.alpha

@@ -21,6 +21,10 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+class CheckpointLayoutError(ValueError):
+  """A checkpoint whose tree does not match the train state the config builds."""
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
@@ -104,7 +108,14 @@ class Checkpointer:
       step = mgr.best_step() if which == "best" else mgr.latest_step()
     if step is None:
       raise FileNotFoundError(f"no {which} checkpoint in {self.workdir}")
-    state = mgr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    try:
+      state = mgr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except (ValueError, KeyError, TypeError) as e:
+      where = os.path.join(mgr.directory, str(step))
+      raise CheckpointLayoutError(
+          f"{where}: the checkpoint does not fit the state this config builds (another model "
+          f"or method, or written by an fgjax before the method protocol, whose optimizer "
+          f"state was not keyed by optimizer name): {str(e).splitlines()[0][:300]}") from e
     return state, self.load_data_state(step), step
 
   def load_data_state(self, step: int):

@@ -72,10 +72,12 @@ def visualize(workdir: str, paths, output: str | None = None, which: str = "best
   """Writes one PNG per image of what the run's method draws (for the ViT methods: the
   selected patches and the rollout heat-map; CAL: the attention map and crop). A method that
   draws nothing is an error, or with `required=False` (run.py after training) a log line."""
-  cfg, model, method, variables, _ = _restore(workdir, which, config)
-  if not method.draws and not required:
-    log.info("visualize: %s draws nothing", cfg.model.name)
+  saved = setup.load_config(workdir)
+  if not required and not setup.build(saved, int(saved.num_classes_resolved))[1].draws:
+    log.info("visualize: %s with %s draws nothing", saved.get("method", "classifier"),
+             saved.model.name)
     return []
+  cfg, model, method, variables, _ = _restore(workdir, which, config)
   if not method.draws:
     raise ValueError(f"visualize: config.method={cfg.get('method', 'classifier')!r} with "
                      f"{cfg.model.name} draws nothing (ViT-family models and CAL draw)")

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from fgjax import data as fgdata
@@ -144,9 +145,24 @@ def example_batch(spec: dict) -> dict:
 
 
 def config_example(config) -> dict:
-  """The example of the eval loader's spec for `config`, built without a data source (restoring
-  a finished run for prediction needs no dataset)."""
-  return example_batch(fgdata.batch_spec(int(config.model.img_size)))
+  """An example batch for restoring `config`'s model without a data source: the train
+  loader's element spec the run saved (`batch_spec_resolved`), or for a config that never ran
+  the fields every source gives (`fgjax.data.batch_spec`)."""
+  saved = config.get("batch_spec_resolved")
+  if not saved:
+    return example_batch(fgdata.batch_spec(int(config.model.img_size)))
+  return {k: jnp.zeros([1] + list(shape), dtype) for k, (shape, dtype) in saved.items()}
+
+
+def resolved(config, method, element_spec):
+  """`config` with what a run resolved for its later restore: the train loader's element spec
+  (per-example shapes and dtypes) and where the method's class lives (a method registered
+  outside fgjax is imported from there)."""
+  with config.unlocked():
+    config.batch_spec_resolved = {k: [list(s.shape[1:]), np.dtype(s.dtype).name]
+                                  for k, s in element_spec.items()}
+    config.method_import_resolved = fgmethods.import_path(type(method))
+  return config
 
 
 # ----------------------------------------------------------------------------- model, method
@@ -178,8 +194,9 @@ class BuiltOptimizer:
   schedules: dict
 
 
-def lr_metric_name(optimizer: str) -> str:
-  return "lr" if optimizer == "default" else f"lr_{optimizer}"
+def metric_name(metric: str, optimizer: str) -> str:
+  """`lr`, `grad_norm` of optimizer "default"; `lr_<name>`, `grad_norm_<name>` of others."""
+  return metric if optimizer == "default" else f"{metric}_{optimizer}"
 
 
 def build_optimizers(config, method, params_shape, steps_per_epoch: int | None = None,
@@ -198,6 +215,15 @@ def build_optimizers(config, method, params_shape, steps_per_epoch: int | None =
     raise ValueError(f"method {method.name!r}: updates name undeclared optimizers {unknown}; "
                      f"declared: {sorted(specs)}")
   masks = protocol.group_mask(specs, params_shape)
+  unused = sorted(set(specs) - {u.optimizer for p in phases for u in p.updates})
+  if unused:
+    log.warning("method %s: optimizers %s are declared but no update uses them: their "
+                "parameters stay frozen", method.name, unused)
+  flat = [v for m in masks.values() for v in jax.tree.leaves(m)]
+  frozen = len(jax.tree.leaves(params_shape)) - sum(flat)
+  if frozen:
+    log.info("method %s: %d parameter arrays belong to no optimizer and stay frozen",
+             method.name, frozen)
   out = {}
   for name, spec in specs.items():
     total = int(protocol.updates_before(phases, name, int(total_steps)))
@@ -235,11 +261,15 @@ def create_train_state(config, method, optimizers, mesh, rng, example,
   var_shardings = sharding.state_shardings(jax.eval_shape(init, rng), mesh)
   variables = jax.jit(init, out_shardings=var_shardings)(rng)
   if config.get("init_from") and load_pretrained:
-    loaded = method.load_pretrained(jax.device_get(variables), config.init_from,
-                                    tuple(config.get("init_dont_load", ()) or ()))
-    variables = jax.device_put(loaded, var_shardings)
-    log.info("initialised %s from %s", ", ".join(
-        k or "the model" for k in method.model.checkpoint_parts()), config.init_from)
+    from fgjax import convert
+    parts = method.load_pretrained(config.init_from,
+                                   tuple(config.get("init_dont_load", ()) or ()))
+    # Each loaded tree goes straight to the shardings of the fresh arrays it replaces.
+    variables = convert.put_parts(
+        variables, parts,
+        lambda tree, target: jax.device_put(tree, jax.tree.map(lambda a: a.sharding, target)))
+    log.info("initialised %s from %s", ", ".join(k or "the model" for k in parts),
+             config.init_from)
   variables = dict(variables)
   params = variables.pop("params")
   state = {"params": params, "step": jnp.zeros((), jnp.int32),

@@ -10,8 +10,9 @@
   the group is left as it was, bit for bit (`apply_updates`);
 - a non-finite loss freezes the whole state inside the step (no update is applied); the loop
   stops at the next log point naming the step;
-- metrics: the method's, the summed loss, the gradient norm of the last update, the parameter
-  norm and each optimizer's learning rate (`lr`, or `lr_<name>` beside the default).
+- metrics: the method's, the summed loss, the gradient norm of each updated group's last
+  update (`grad_norm`, `grad_norm_<optimizer>`), the parameter norm and each optimizer's
+  learning rate (`lr`, `lr_<optimizer>`; the names without suffix for the one "default").
 """
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ import jax.numpy as jnp
 import optax
 
 from fgjax.methods import base as protocol
-from fgjax.train.setup import collections, lr_metric_name
+from fgjax.train.setup import collections, metric_name
 
 
 def apply_updates(updates, optimizers, params, opt, extra, batch, rng, step=0, helpers=None):
   """The updates of one phase in sequence, each on the params the previous one left. Returns
-  (params, opt, extra, summed loss, merged metrics, last grads)."""
-  loss, metrics, opt = 0.0, {}, dict(opt)
+  (params, opt, extra, summed loss, merged metrics, {optimizer: its last update's grads})."""
+  loss, metrics, opt, last_grads = 0.0, {}, dict(opt), {}
   helpers = dict(helpers or {})
   for k, update in enumerate(updates):
     r = rng if len(updates) == 1 else jax.random.fold_in(rng, k)
@@ -43,7 +44,8 @@ def apply_updates(updates, optimizers, params, opt, extra, batch, rng, step=0, h
     extra = extra or {}
     loss = loss + loss_k
     metrics.update(m)
-  return params, opt, extra, loss, metrics, grads
+    last_grads[update.optimizer] = grads
+  return params, opt, extra, loss, metrics, last_grads
 
 
 def make_train_step(config, method, optimizers, phase: protocol.Phase, base_rng,
@@ -74,10 +76,11 @@ def make_train_step(config, method, optimizers, phase: protocol.Phase, base_rng,
     out["bad_step"] = jnp.where(finite | (state["bad_step"] >= 0), state["bad_step"], step)
     metrics = dict(metrics)
     metrics["loss"] = loss
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    for name, g in grads.items():  # the groups this phase updated
+      metrics[metric_name("grad_norm", name)] = optax.tree.norm(g)
     metrics["param_norm"] = optax.tree.norm(params)
     for name, o in optimizers.items():
-      metrics[lr_metric_name(name)] = o.schedule(protocol.updates_before(phases, name, step))
+      metrics[metric_name("lr", name)] = o.schedule(protocol.updates_before(phases, name, step))
     return out, metrics
 
   return step_fn

@@ -91,7 +91,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with config.unlocked():
     config.num_classes_resolved = num_classes
     config.class_names_resolved = list(train_src.class_names)
-  setup.save_config(config, workdir)
   model, method = setup.build(config, num_classes)
 
   batch_size = int(config.batch_size)
@@ -104,13 +103,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_every = setup.get_steps(config, "eval_every", steps_per_epoch, default=total_steps)
   ckpt_every = setup.get_steps(config, "checkpoint_every", steps_per_epoch, default=eval_every)
 
-  # The method's frozen helpers (a teacher, which may first train in <workdir>/teacher).
+  # The method's frozen helpers (a teacher, which may first train in <workdir>/teacher and
+  # then stands in the config as the checkpoint it became).
   env = protocol.HelperEnv(config=config, mesh=mesh, train_source=train_src, workdir=workdir,
                            restore=setup.restore_model, train=train_and_evaluate)
-  helper_fns, helper_inputs = setup.build_helpers(method, env)
+  try:
+    helper_fns, helper_inputs = setup.build_helpers(method, env)
+  except protocol.HelperStopped as e:
+    log.warning("%s; rerun the same command to resume", e)
+    return {"stopped_at": 0, "stopped_in": e.run}
 
   train_iter = setup.make_train_iter(config, train_src)
   example = setup.example_batch(train_iter.element_spec)
+  setup.save_config(setup.resolved(config, method, train_iter.element_spec), workdir)
   seed = int(config.seed)
   base_rng = jax.random.fold_in(jax.random.key(seed), 1)
   optimizers = setup.build_optimizers(config, method, setup.params_shape(method, example),
