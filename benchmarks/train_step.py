@@ -142,7 +142,7 @@ def make_fgjax_step(name: str, kind: str, img: int, dtype, model_kwargs=None):
 
   def step(p, o, extra, batch, rng):  # the trainer's update loop (without its bookkeeping)
     everything = jax.tree.map(lambda _: True, p)  # one optimizer over all parameters
-    optimizers = {"default": setup.BuiltOptimizer(tx, everything, None, {})}
+    optimizers = {"default": setup.BuiltOptimizer(tx, everything, None)}
     p, o, extra, loss, _, _ = step_lib.apply_updates(updates, optimizers, p, {"default": o},
                                                      extra, batch, rng)
     return p, o["default"], extra, loss

@@ -372,22 +372,19 @@ def load_checkpoint(path: str | os.PathLike, model_name: str, img_size=224,
   path = os.fspath(path)
   model = models.create(model_name, num_classes=num_classes, img_size=img_size,
                         **dict(model_kwargs or {}))
-  flat = read_file(path)
-  loaded, unexpected, collections = _detect_and_rename(flat, path)
-  params = merge_into_model(model, loaded, unexpected, path=path, dont_load=dont_load, rng=rng)
+  renamed = _detect_and_rename(read_file(path), path)
   if not with_collections:
-    return params
-  return {"params": params, **_merge_collections(model, collections, path)}
+    loaded, unexpected, _ = renamed
+    return merge_into_model(model, loaded, unexpected, path=path, dont_load=dont_load, rng=rng)
+  return _fit(model, renamed, path, dont_load, rng)
 
 
-def load_backbone(path: str | os.PathLike, backbone) -> dict:
-  """Loads a pretrained checkpoint into a backbone module built without its classifier
-  (`num_classes=0`, e.g. PMG's ResNet or DeiT trunk): `{"params", ["batch_stats"]}`; the
-  checkpoint's classifier weights are dropped, everything else must fit."""
-  path = os.fspath(path)
-  loaded, unexpected, collections = _detect_and_rename(read_file(path), path)
-  params = merge_into_model(backbone, loaded, unexpected, path=path)
-  return {"params": params, **_merge_collections(backbone, collections, path)}
+def _fit(module, renamed, path: str, dont_load: Sequence[str], rng) -> dict:
+  """{"params", [collections]} of `module` from a renamed checkpoint (`_detect_and_rename`):
+  its params through `merge_into_model`, its other collections through `_merge_collections`."""
+  loaded, unexpected, collections = renamed
+  params = merge_into_model(module, loaded, unexpected, path=path, dont_load=dont_load, rng=rng)
+  return {"params": params, **_merge_collections(module, collections, path)}
 
 
 def load_parts(model, path: str | os.PathLike, *, dont_load: Sequence[str] = (),
@@ -402,12 +399,9 @@ def load_parts(model, path: str | os.PathLike, *, dont_load: Sequence[str] = (),
   ["batch_stats": ...]}} of numpy arrays; the caller puts them into the model's variables
   (`load_into_model`, or sharded on a mesh by `fgjax.train.setup`)."""
   path = os.fspath(path)
-  loaded, unexpected, collections = _detect_and_rename(read_file(path), path)
-  out = {}
-  for key, part in model.checkpoint_parts().items():
-    params = merge_into_model(part, loaded, unexpected, path=path, dont_load=dont_load, rng=rng)
-    out[key] = {"params": params, **_merge_collections(part, collections, path)}
-  return out
+  renamed = _detect_and_rename(read_file(path), path)
+  return {key: _fit(part, renamed, path, dont_load, rng)
+          for key, part in model.checkpoint_parts().items()}
 
 
 def put_parts(variables: Mapping[str, Any], parts: Mapping[str, Mapping[str, Any]],

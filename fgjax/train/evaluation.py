@@ -6,8 +6,8 @@
 - `evaluate(...)`: top-1, top-5 and mean per-class accuracy per head over a padded eval loader
   (every example counted once), plus the method's own metrics (`Method.summarize`).
 - `predict_batches` / `predict_source` / `predict_images`: the method's "logits" head for the
-  batches of a loader, a whole source or image files, sharded over every device (the toolkit's entry points: TTA, ensembles,
-  pseudo-labels, submissions).
+  batches of a loader, a whole source or image files, sharded over every device (the
+  toolkit's entry points: TTA, ensembles, pseudo-labels, submissions).
 """
 from __future__ import annotations
 
@@ -98,13 +98,18 @@ def predict_source(config, method, variables, source, mesh) -> dict[str, np.ndar
   return predict_batches(method, variables, iter(make_eval_iter(config, source)), mesh)
 
 
-def predict_images(config, method, variables, paths, mesh, batch_size: int | None = None):
-  """(N, C) logits of the method's "logits" head for image files, preprocessed as the run's
-  evaluation (resize, centre crop, normalise), in batches padded to the device count (one
-  process: every image is read by this one)."""
+def load_images(config, paths) -> np.ndarray:
+  """Image files as one float32 batch, preprocessed as the run's evaluation (resize, centre
+  crop, normalise)."""
   kw = pipeline_kwargs(config, train=False)
   for k in ("worker_count", "prefetch"):
     kw.pop(k)
+  return np.stack([fgdata.eval_transform(fgdata.load_image(p), **kw) for p in paths])
+
+
+def predict_images(config, method, variables, paths, mesh, batch_size: int | None = None):
+  """(N, C) logits of the method's "logits" head for image files (`load_images`), in batches
+  padded to the device count (one process: every image is read by this one)."""
   n_dev = mesh.devices.size
   bs = int(batch_size or config.get("eval_batch_size", config.batch_size))
   bs = max(n_dev, -(-bs // n_dev) * n_dev)
@@ -113,7 +118,7 @@ def predict_images(config, method, variables, paths, mesh, batch_size: int | Non
   out = []
   for start in range(0, len(paths), bs):
     chunk = list(paths[start:start + bs])
-    x = np.stack([fgdata.eval_transform(fgdata.load_image(p), **kw) for p in chunk])
+    x = load_images(config, chunk)
     pad = -len(x) % n_dev
     if pad:
       x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)])

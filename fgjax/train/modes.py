@@ -13,7 +13,6 @@ import os
 import jax
 import numpy as np
 
-from fgjax import data as fgdata
 from fgjax import teachers
 from fgjax.train import evaluation, setup, sharding
 
@@ -83,13 +82,8 @@ def visualize(workdir: str, paths, output: str | None = None, which: str = "best
                      f"{cfg.model.name} draws nothing (ViT-family models and CAL draw)")
   output = output or os.path.join(workdir, "visualize")
   os.makedirs(output, exist_ok=True)
-  kw = setup.pipeline_kwargs(cfg, train=False)
   if paths:
-    x = np.stack([fgdata.eval_transform(fgdata.load_image(p), image_size=kw["image_size"],
-                                        resize_size=kw["resize_size"],
-                                        resize_mode=kw["resize_mode"],
-                                        interpolation=kw["interpolation"],
-                                        normalize=kw["normalize"]) for p in paths])
+    x = evaluation.load_images(cfg, paths)
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
   else:
     _, _, test_src = setup.get_sources(cfg)
@@ -98,7 +92,8 @@ def visualize(workdir: str, paths, output: str | None = None, which: str = "best
     x = np.asarray(batch["image"])[:n]
     names = [f"test_{int(i)}" for i in np.asarray(batch["id"])[:n]]
   written = []
-  for name, img in zip(names, method.render(variables, x, kw["normalize"])):
+  normalize = cfg.data.get("normalize", "imagenet")
+  for name, img in zip(names, method.render(variables, x, normalize)):
     path = os.path.join(output, f"{name}_{method.picture}.png")
     img.save(path)
     written.append(path)

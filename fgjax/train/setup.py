@@ -191,7 +191,6 @@ class BuiltOptimizer:
   tx: optax.GradientTransformation
   mask: Any
   schedule: Callable
-  schedules: dict
 
 
 def metric_name(metric: str, optimizer: str) -> str:
@@ -210,12 +209,13 @@ def build_optimizers(config, method, params_shape, steps_per_epoch: int | None =
   """
   specs = method.optimizers()
   phases = method.phases()
-  unknown = sorted({u.optimizer for p in phases for u in p.updates} - set(specs))
+  used = {u.optimizer for p in phases for u in p.updates}
+  unknown = sorted(used - set(specs))
   if unknown:
     raise ValueError(f"method {method.name!r}: updates name undeclared optimizers {unknown}; "
                      f"declared: {sorted(specs)}")
   masks = protocol.group_mask(specs, params_shape)
-  unused = sorted(set(specs) - {u.optimizer for p in phases for u in p.updates})
+  unused = sorted(set(specs) - used)
   if unused:
     log.warning("method %s: optimizers %s are declared but no update uses them: their "
                 "parameters stay frozen", method.name, unused)
@@ -239,7 +239,7 @@ def build_optimizers(config, method, params_shape, steps_per_epoch: int | None =
                                              * per_step))
     group = protocol.select(params_shape, masks[name])
     tx, schedules = optim.make_optimizer(ocfg, group, max(total, 1))
-    out[name] = BuiltOptimizer(tx, masks[name], schedules["new"], schedules)
+    out[name] = BuiltOptimizer(tx, masks[name], schedules["new"])
   return out
 
 
