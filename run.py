@@ -15,8 +15,11 @@ Multi-host: `--coordinator_address=host:port --num_processes=N --process_id=i` (
 usual JAX environment variables; automatic on TPU) call `jax.distributed.initialize`.
 On the CPU, `--host_memory=auto` keeps XLA's freed step buffers for reuse
 (fgjax/train/hostmem.py).
-Exit status: 0 done, 1 training failed (message says why), 2 bad input (missing dataset,
-checkpoint or config key).
+Exit status (docs/failures.md): 0 done (also a run stopped by SIGTERM, which saved a
+checkpoint); 1 training failed (a non-finite loss, a checkpoint that could not be saved: the
+message says why); 2 bad input: an unknown config key or a value of the wrong type, a missing
+dataset, checkpoint or image, a workdir that holds another run's config or no fgjax run, no
+checkpoint that restores. Errors are one line (`--traceback` shows the traceback).
 """
 from __future__ import annotations
 
@@ -55,11 +58,65 @@ def _default_workdir(config_path: str | None) -> str:
   return os.path.join("runs", name + (f"_{arg.replace(',', '_').replace('=', '')}" if arg else ""))
 
 
-def _config_path() -> str | None:
-  for a in sys.argv:
+def _config_path(argv=None) -> str | None:
+  for a in argv or sys.argv:
     if a.startswith("--config="):
       return a.split("=", 1)[1]
   return None
+
+
+def _one_line(text: str) -> str:
+  return " ".join(str(text).replace("\\n", " ").split())
+
+
+def _config_error(argv, e: BaseException) -> str:
+  """A readable line for an error raised while absl parsed --config and its overrides."""
+  while isinstance(e, (KeyError, AttributeError)) and e.args and \
+      isinstance(e.args[0], BaseException):
+    e = e.args[0]  # ml_collections wraps its KeyError ("did you mean") in an AttributeError
+  text = str(e.args[0]) if isinstance(e, (KeyError, AttributeError)) and e.args else str(e)
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  config = f"--config={_config_path(argv) or '?'}"
+  if isinstance(e, (KeyError, AttributeError)):
+    key = lines[0].strip("'\"") if lines else "?"
+    given = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")
+             and key in a.split("=", 1)[0].split(".")]
+    where = given[0] if given else f"config key {key!r}"
+    return _one_line(f"{where}: the config has no key {key!r}. {' '.join(lines[1:])} (a key "
+                     f"must exist in the config file to be set from the command line)")
+  if "Failed loading config file" in text:
+    cause = [line for line in lines if line.startswith("[Errno")]
+    return _one_line(f"{config}: cannot load the config file"
+                     + (f" ({cause[-1]})" if cause else ""))
+  if "Traceback (most recent call last)" in text:  # the config file's own error
+    return _one_line(f"{config}: {lines[-1]}")
+  return _one_line(text)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing with one-line errors and exit status 2 (`--traceback` re-raises)."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # flags.Error, ml_collections' KeyError/AttributeError, a config's own
+    if "--traceback" in argv:
+      raise
+    print(f"error: {_config_error(argv, e)}\n(rerun with --traceback for the full traceback)",
+          file=sys.stderr)
+    sys.exit(2)
+
+
+class _NoTracebacks(logging.Filter):
+  """Keeps the first line of library log records and drops their tracebacks (orbax logs each
+  failure of a background save several times, with a traceback): the error that reaches
+  run.py is reported once, in one line."""
+
+  def filter(self, record):
+    if record.exc_info or record.exc_text:
+      record.exc_info, record.exc_text = None, None
+    msg = record.getMessage()
+    if "\n" in msg:
+      record.msg, record.args = msg.splitlines()[0], None
+    return True
 
 
 def main(argv):
@@ -67,16 +124,30 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                       datefmt="%H:%M:%S")
   logging.getLogger("absl").setLevel(logging.WARNING)
+  if not _TRACEBACK.value:
+    for name in ("absl", "asyncio"):
+      logging.getLogger(name).addFilter(_NoTracebacks())
+    from fgjax.train import quiet
+    quiet.install()
   from fgjax.train import distributed
   hostmem.configure(_HOST_MEMORY.value)  # before jax creates a backend
   distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
 
   from fgjax import convert, data, teachers
-  from fgjax.train import modes, trainer
-  config = _CONFIG.value
+  from fgjax.train import checkpoint, modes, trainer
+  try:
+    config = _CONFIG.value
+    if config is not None:
+      config.get("seed")  # a config file that failed to load raises at first use, not parsing
+  except Exception as e:
+    if _TRACEBACK.value:
+      raise
+    print(f"error: {_config_error(sys.argv, e)}", file=sys.stderr)
+    return 2
   workdir = _WORKDIR.value or _default_workdir(_config_path())
-  user_errors = (data.DatasetNotFoundError, convert.CheckpointError, teachers.TeacherError,
-                 FileNotFoundError, KeyError, ValueError)
+  user_errors = (data.DatasetNotFoundError, data.BadImageError, convert.CheckpointError,
+                 teachers.TeacherError, FileNotFoundError, KeyError, ValueError)
+  run_errors = (trainer.TrainingError, checkpoint.CheckpointSaveError)
   try:
     if _MODE.value == "train":
       if config is None:
@@ -96,7 +167,9 @@ def main(argv):
     elif _MODE.value == "export_teacher":
       modes.export_teacher(workdir, output=_OUTPUT.value, which=_CHECKPOINT.value,
                            config=config)
-  except trainer.TrainingError as e:
+  except run_errors as e:
+    if _TRACEBACK.value:
+      raise
     logging.error("%s", e)
     return 1
   except user_errors as e:
@@ -105,8 +178,27 @@ def main(argv):
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f"error: {msg}\n(rerun with --traceback for the full traceback)", file=sys.stderr)
     return 2
+  except OSError as e:  # a full disk or a read-only filesystem outside the checkpoints
+    if _TRACEBACK.value:
+      raise
+    where = f" ({checkpoint.free_space(e.filename)} free there)" if e.filename else ""
+    logging.error("%s%s", e, where)
+    return 1
   return 0
 
 
+def _main_and_exit(argv):
+  code = main(argv)
+  if code:
+    # After an error the run has already closed its checkpoints and logs; exit without the
+    # libraries' exit handlers and background threads, which would fail again (a full disk)
+    # and print tracebacks under the one-line error.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+  sys.exit(0)
+
+
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(_main_and_exit, flags_parser=_parse_flags)

@@ -64,6 +64,10 @@ def base_config(method: str = "classifier") -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.visualize_examples = 0  # run.py draws the first N test images after training (if the method draws)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # A rerun into a workdir whose config.json differs in other keys than intervals, steps and
+  # worker counts is refused; True resumes with this config (the old one kept as
+  # config.<n>.json). docs/failures.md.
+  c.resume_with_changes = False
   for key, defaults in methods.sections(method).items():
     c[key] = ml_collections.ConfigDict(defaults)
   return c

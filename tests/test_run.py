@@ -50,8 +50,10 @@ def test_missing_dataset_is_a_short_message_and_exit_2(tmp_path, config, needle)
 def test_unknown_config_key_is_exit_2_naming_the_key(tmp_path):
   proc = _run("--config=configs/demo.py:runlocal", f"--workdir={tmp_path / 'w'}",
               "--config.optim.nme=adamw", timeout=300)
-  assert proc.returncode != 0
-  assert "nme" in proc.stderr
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr
+  assert 'error: --config.optim.nme: the config has no key \'nme\'. Did you mean "name"' \
+      in proc.stderr
 
 
 @pytest.mark.slow
@@ -87,9 +89,14 @@ def test_demo_runlocal_every_mode(tmp_path):
   assert proc.stdout.count("%") == 2 * 5  # top-5 per image
 
   out = tmp_path / "regions"
-  _ok(_run("--mode=visualize", f"--workdir={w}", f"--output={out}", *paths))
+  missing = str(tmp_path / "no_such_bird.jpg")  # skipped with a warning, the others drawn
+  proc = _ok(_run("--mode=visualize", f"--workdir={w}", f"--output={out}", *paths, missing))
+  assert f"skipped {missing}: no such file" in proc.stderr
   pngs = sorted(out.glob("*_regions.png"))
   assert [p.name for p in pngs] == ["bird0_regions.png", "bird1_regions.png"]
+  proc = _run("--mode=visualize", f"--workdir={w}", f"--output={out}", missing)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "none of the 1 files given could be read" in proc.stderr
   assert Image.open(pngs[0]).size == (2 * 96 + 4, 96)
 
   npz = tmp_path / "teacher_preds.npz"

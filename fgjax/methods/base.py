@@ -147,10 +147,20 @@ class HelperStopped(RuntimeError):
 
 class Helper:
   """A frozen helper: `build(env)` -> (fn(inputs, batch) -> outputs, inputs pytree placed on the
-  mesh, one-line description for the log)."""
+  mesh, one-line description for the log).
+
+  A helper that changes the run's config when it is built (a teacher trained first becomes the
+  checkpoint it left) does so in `resolve_config(config, workdir)`, which must not build or
+  train anything: the workdir guard applies it to a rerun's config before comparing it with
+  the saved one (`fgjax.train.workdir`), and `build` applies it to the run's own config.
+  """
 
   def build(self, env: HelperEnv):
     raise NotImplementedError
+
+  def resolve_config(self, config, workdir: str) -> None:
+    """Writes into `config` what building this helper in `workdir` will change (default:
+    nothing)."""
 
 
 def phase_at(phases: Sequence[Phase], step: int) -> int:

@@ -47,11 +47,15 @@ class TeacherHelper(Helper):
       log.info("phase 2: training %s with the teacher from %s", env.config.model.name,
                teacher_dir)
       tcfg.checkpoint = teacher_dir
-      # The student's saved config names the teacher it used (its checkpoint).
-      with env.config.unlocked():
-        env.config.teacher.checkpoint = teacher_dir
-        env.config.teacher.train_first = None
+      self.resolve_config(env.config, env.workdir)
     return teachers.make_teacher(tcfg, env.mesh, env.train_source, env.restore)
+
+  def resolve_config(self, config, workdir: str) -> None:
+    # The student's saved config names the teacher it used (its checkpoint).
+    if config.teacher.get("train_first") is not None:
+      with config.unlocked():
+        config.teacher.checkpoint = os.path.join(workdir, "teacher")
+        config.teacher.train_first = None
 
 
 class TRSDeiT(Method):

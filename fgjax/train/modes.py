@@ -13,6 +13,7 @@ import os
 import jax
 import numpy as np
 
+from fgjax import data as fgdata
 from fgjax import teachers
 from fgjax.train import evaluation, setup, sharding
 
@@ -45,11 +46,39 @@ def evaluate_checkpoint(workdir: str, config=None, which: str = "best") -> dict:
   return metrics
 
 
+class NoReadableImagesError(ValueError):
+  """None of the image files given to predict or visualize could be read."""
+
+
+def readable_images(paths) -> list[str]:
+  """The files of `paths` that exist and decode as images; a warning names each other one.
+  Raises `NoReadableImagesError` when none is left."""
+  kept = []
+  for path in paths:
+    try:
+      fgdata.load_image(path)
+    except FileNotFoundError:
+      log.warning("skipped %s: no such file", path)
+    except IsADirectoryError:
+      log.warning("skipped %s: a directory, not an image file", path)
+    except OSError as e:  # BadImageError: not an image, truncated, unreadable
+      log.warning("skipped %s: %s", path, str(e).splitlines()[0] if str(e) else "unreadable")
+    else:
+      kept.append(path)
+  if paths and not kept:
+    raise NoReadableImagesError(f"none of the {len(paths)} files given could be read as an "
+                                f"image ({', '.join(map(str, paths[:3]))}"
+                                f"{', ...' if len(paths) > 3 else ''})")
+  return kept
+
+
 def predict(workdir: str, paths, which: str = "best", top_k: int = 5) -> list[dict]:
-  """Top-k class names with probabilities for each image file."""
+  """Top-k class names with probabilities for each image file that can be read (the others
+  are named in a warning and skipped)."""
   if not paths:
     raise ValueError("predict needs image files: run.py --mode=predict --workdir=W a.jpg b.jpg")
   cfg, _, method, variables, _ = _restore(workdir, which)
+  paths = readable_images(list(paths))
   names = list(cfg.get("class_names_resolved", []) or [])
   logits = evaluation.predict_images(cfg, method, variables, list(paths),
                                      sharding.make_mesh(cfg))
@@ -83,6 +112,7 @@ def visualize(workdir: str, paths, output: str | None = None, which: str = "best
   output = output or os.path.join(workdir, "visualize")
   os.makedirs(output, exist_ok=True)
   if paths:
+    paths = readable_images(list(paths))
     x = evaluation.load_images(cfg, paths)
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
   else:

@@ -72,19 +72,17 @@ def dtype_of(name: str):
     raise ValueError(f"config.model.dtype must be float32 or bfloat16, got {name!r}") from None
 
 
-def save_config(config, workdir: str):
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run saved in `workdir` (its config.json)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} an fgjax workdir?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} is unreadable ({e}); an earlier copy may be kept beside it as "
+                     f"config.<n>.json") from None
 
 
 # ----------------------------------------------------------------------------- data

@@ -32,6 +32,7 @@ from fgjax import data as fgdata
 from fgjax.methods import base as protocol
 from fgjax.train import checkpoint as ckpt_lib
 from fgjax.train import evaluation, logs, setup, sharding
+from fgjax.train import workdir as workdir_lib
 from fgjax.train.setup import TrainingError
 from fgjax.train.step import make_train_step
 
@@ -103,6 +104,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_every = setup.get_steps(config, "eval_every", steps_per_epoch, default=total_steps)
   ckpt_every = setup.get_steps(config, "checkpoint_every", steps_per_epoch, default=eval_every)
 
+  # Nothing is written before the workdir guard: a workdir holding another run is refused.
+  guard = workdir_lib.check(config, workdir, method.helpers().values())
+
   # The method's frozen helpers (a teacher, which may first train in <workdir>/teacher and
   # then stands in the config as the checkpoint it became).
   env = protocol.HelperEnv(config=config, mesh=mesh, train_source=train_src, workdir=workdir,
@@ -115,25 +119,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   train_iter = setup.make_train_iter(config, train_src)
   example = setup.example_batch(train_iter.element_spec)
-  setup.save_config(setup.resolved(config, method, train_iter.element_spec), workdir)
+  setup.resolved(config, method, train_iter.element_spec)
   seed = int(config.seed)
   base_rng = jax.random.fold_in(jax.random.key(seed), 1)
   optimizers = setup.build_optimizers(config, method, setup.params_shape(method, example),
                                       steps_per_epoch, total_steps)
   phases = method.phases()
 
-  writer = logs.MetricWriter(workdir)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)))
+  writer = None
   stop = _StopFlag().install()
+  failed = False
   try:
-    if ckpt.latest_step() is not None:
-      state, data_state, start = ckpt.restore(setup.abstract_train_state(
+    if ckpt.has_checkpoint():
+      state, data_state, start, kind = ckpt.restore(setup.abstract_train_state(
           config, method, optimizers, mesh, example))
-      log.info("resumed from %s/checkpoints/%d", workdir, start)
+      log.info("resumed from %s/%s/%d", workdir, "best" if kind == "best" else "checkpoints",
+               start)
     else:
       state = setup.create_train_state(config, method, optimizers, mesh, jax.random.key(seed),
                                        example)
       data_state, start = None, 0
+    if guard.kind == "fresh":
+      guard.commit(config)  # a changed config is written with the run's first checkpoint
+    writer = logs.MetricWriter(workdir)  # only once the state is there: a failed restore
+                                         # leaves no new TensorBoard file
     if data_state is not None:
       train_iter.set_state(data_state)
     data_iter = iter(train_iter)
@@ -171,6 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       bar.update(step)
       last = step == total_steps
       if step % log_every == 0 or last or stop:
+        ckpt.check()  # a failed asynchronous save (a full disk) stops the run here
         fetched = jax.device_get(pending)
         bad = int(jax.device_get(state["bad_step"]))
         if bad >= 0:
@@ -186,14 +197,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         lrs = " ".join(f"{k} {v:.2e}" for k, v in avg.items() if k.startswith("lr"))
         bar.update(step, f"loss {avg['loss']:.4f} {lrs}", force=True)
         pending, t_log = [], time.time()
-      if step % ckpt_every == 0 or last or stop:
-        ckpt.save(step, state, train_iter.get_state())
+      # Evaluation comes before the step's checkpoint: a run killed while evaluating resumes
+      # from an earlier checkpoint and evaluates again, so no evaluation (and no best
+      # checkpoint) is ever skipped.
       if step % eval_every == 0 and not last:
         val = run_eval(val_src, "val", step)
         if val is not None and val["top1"] > best_val:
           best_val = val["top1"]
+          guard.commit(config)
           ckpt.save_best(step, state, best_val, train_iter.get_state())
         run_eval(test_src, "test", step)
+      if step % ckpt_every == 0 or last or stop:
+        guard.commit(config)
+        ckpt.save(step, state, train_iter.get_state())
       if stop:
         bar.close()
         ckpt.wait()
@@ -209,23 +225,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       result["val"] = run_eval(val_src, "val", step)
       if result["val"]["top1"] > best_val:
         best_val = result["val"]["top1"]
+        guard.commit(config)
         ckpt.save_best(step, state, best_val, train_iter.get_state())
     which = "best" if ckpt.best_step() is not None else "last"
     ckpt.wait()
     if which == "best" and ckpt.best_step() != step:
-      state, _, sel_step = ckpt.restore(sharding.abstract_with_shardings(state, mesh),
-                                        which="best")
+      state, _, sel_step, _ = ckpt.restore(sharding.abstract_with_shardings(state, mesh),
+                                           which="best", with_data_state=False)
       log.info("selected the best validation checkpoint: step %d (val top-1 %.4f)", sel_step,
                best_val)
       result["val_selected"] = {"step": int(sel_step), "top1": best_val}
     result["test"] = run_eval(test_src, "test", step)
     result["selected"] = which
+    guard.commit(config)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      path = os.path.join(workdir, "final_metrics.json")
+      with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
+      os.replace(path + ".tmp", path)
     return result
+  except BaseException:
+    failed = True
+    raise
   finally:
     stop.restore()
-    writer.close()
-    ckpt.close()
+    # After a failure, closing must not replace its error with a second one (a full disk
+    # fails the pending save again).
+    errors = []
+    for close in ([writer.close] if writer else []) + [ckpt.close]:
+      try:
+        close()
+      except Exception as e:
+        errors.append(e)
+    if errors and not failed:
+      raise errors[0]
 

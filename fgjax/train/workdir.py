@@ -1,0 +1,181 @@
+"""The workdir guard: a run never replaces the record of the run a workdir already holds.
+
+`check(config, workdir, helpers)` runs before a training run writes anything. It compares the
+config with the workdir's `config.json` (after the same resolution the run will apply: the
+method's helpers, e.g. a teacher trained first into `<workdir>/teacher`, `Helper.resolve_config`;
+keys ending in `_resolved` are what a run derives from its data and are not compared):
+- no `config.json` (a new or empty workdir): a fresh run;
+- the same config: a resume;
+- only keys in `RESUMABLE` differ (a longer `total_steps`, other log, eval or checkpoint
+  intervals, worker counts, a moved dataset folder): a resume, each change logged;
+- any other key differs: `WorkdirError` listing the keys (old -> new) and the two ways forward,
+  unless `config.resume_with_changes=True`, which resumes with the new config and keeps the old
+  file as `config.<n>.json`.
+A directory that holds files but no fgjax run (no config.json, checkpoints/ or teacher/) is
+refused too. The guard writes the new `config.json` only through `Guard.commit()`, which the
+trainer calls once the state is restored or created and, for a changed config, before the
+run's first checkpoint: a run that fails earlier leaves the old file as it was.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import json
+import logging
+import os
+import re
+import shutil
+from typing import Any, Sequence
+
+import jax
+
+log = logging.getLogger("fgjax")
+
+RESUMABLE = ("total_steps", "total_epochs", "total_examples", "log_every_*", "eval_every_*",
+             "checkpoint_every_*", "keep_checkpoints", "eval_batch_size", "visualize_examples",
+             "data.worker_count", "data.prefetch", "data.data_dir")
+IGNORED = ("*_resolved", "resume_with_changes")
+_FGJAX_ENTRIES = ("config.json", "checkpoints", "teacher")
+_MAX_LISTED = 12
+
+
+class WorkdirError(ValueError):
+  """A workdir that holds another run's config, or something that is not an fgjax run."""
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict) and tree:
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def _matches(key: str, patterns: Sequence[str], any_part: bool = False) -> bool:
+  """Whether `key` (dotted) matches a pattern; with `any_part`, whether one of its components
+  does (a key inside an ignored section)."""
+  names = key.split(".") if any_part else [key]
+  return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
+
+
+def as_json(config) -> dict:
+  """A config as the plain JSON-compatible dict that `config.json` stores."""
+  return json.loads(config.to_json_best_effort())
+
+
+def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+  """(key, old value, new value) of every compared key that differs; a key absent on one side
+  shows as `<unset>`."""
+  a, b = _flatten(old), _flatten(new)
+  out = []
+  for key in sorted(set(a) | set(b)):
+    if _matches(key, IGNORED, any_part=True):
+      continue
+    va, vb = a.get(key, "<unset>"), b.get(key, "<unset>")
+    if va != vb:
+      out.append((key, va, vb))
+  return out
+
+
+def _show(value) -> str:
+  text = value if value == "<unset>" else json.dumps(value)
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
+def next_backup(workdir: str) -> str:
+  """`config.<n>.json` with n one more than the largest already in `workdir`."""
+  taken = [int(m.group(1)) for name in os.listdir(workdir)
+           if (m := re.fullmatch(r"config\.(\d+)\.json", name))]
+  return os.path.join(workdir, f"config.{max(taken, default=0) + 1}.json")
+
+
+def write_config(config, workdir: str) -> str:
+  """Writes `config.json` atomically (a temporary file renamed over it): a reader or a crash
+  never sees half a file."""
+  path = os.path.join(workdir, "config.json")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
+  return path
+
+
+@dataclasses.dataclass
+class Guard:
+  """The outcome of `check`: `kind` is "fresh", "same" or "changed"; `commit()` writes the
+  run's config.json once (keeping the old one as config.<n>.json when `backup`)."""
+  workdir: str
+  kind: str
+  changes: list = dataclasses.field(default_factory=list)
+  backup: bool = False
+  committed: bool = False
+
+  def commit(self, config):
+    if self.committed:
+      return
+    self.committed = True
+    if self.kind == "same":
+      return
+    if self.backup and jax.process_index() == 0:
+      kept = next_backup(self.workdir)
+      shutil.copy2(os.path.join(self.workdir, "config.json"), kept)  # the old file stays
+      log.info("kept the previous config as %s", kept)                # until the new is whole
+    write_config(config, self.workdir)
+
+
+def resolve(config, workdir: str, helpers=()):
+  """A copy of `config` as the run will save it: each helper's `resolve_config` applied."""
+  config = copy.deepcopy(config)
+  for helper in helpers:
+    helper.resolve_config(config, workdir)
+  return config
+
+
+def check(config, workdir: str, helpers=()) -> Guard:
+  """Compares `config` with what `workdir` holds; raises `WorkdirError` (nothing written) when
+  it holds another run. See the module docstring."""
+  workdir = os.path.abspath(workdir)
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"--workdir={workdir} is a file, not a directory")
+  if not os.path.exists(path):
+    if os.path.isdir(workdir):
+      entries = os.listdir(workdir)
+      if entries and not any(e in entries for e in _FGJAX_ENTRIES):
+        shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+        raise WorkdirError(
+            f"--workdir={workdir} is not an fgjax run (it holds {shown} but no config.json or "
+            f"checkpoints/): give a new or empty directory")
+    return Guard(workdir, "fresh")
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f"{path} is unreadable ({e}): restore it from a copy, or train into "
+                       f"another --workdir") from None
+  new = as_json(resolve(config, workdir, helpers))
+  diffs = differences(old, new)
+  if not diffs:
+    return Guard(workdir, "same")
+  blocking = [d for d in diffs if not _matches(d[0], RESUMABLE)]
+  for key, a, b in diffs:
+    if (key, a, b) not in blocking:
+      log.info("workdir %s: resuming with %s changed: %s -> %s", workdir, key, _show(a),
+               _show(b))
+  if not blocking:
+    return Guard(workdir, "changed", diffs)
+  listed = [f"  {k}: {_show(a)} -> {_show(b)}" for k, a, b in blocking[:_MAX_LISTED]]
+  if len(blocking) > _MAX_LISTED:
+    listed.append(f"  ... and {len(blocking) - _MAX_LISTED} more")
+  if config.get("resume_with_changes"):
+    log.warning("workdir %s: resuming with a changed config (config.resume_with_changes):\n%s",
+                workdir, "\n".join(listed))
+    return Guard(workdir, "changed", diffs, backup=True)
+  raise WorkdirError(
+      f"{workdir} holds a run with another config ({path}); these keys differ (old -> new):\n"
+      + "\n".join(listed) + "\nTrain into another --workdir, or resume this run with the new "
+      "config by adding --config.resume_with_changes=True (the old config is kept as "
+      f"{os.path.basename(next_backup(workdir))}).")
