@@ -124,10 +124,12 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                       datefmt="%H:%M:%S")
   logging.getLogger("absl").setLevel(logging.WARNING)
-  if not _TRACEBACK.value:
+  from fgjax.train import quiet
+  if _TRACEBACK.value:
+    quiet.enabled = False  # --traceback: everything the libraries print stays
+  else:
     for name in ("absl", "asyncio"):
       logging.getLogger(name).addFilter(_NoTracebacks())
-    from fgjax.train import quiet
     quiet.install()
   from fgjax.train import distributed
   hostmem.configure(_HOST_MEMORY.value)  # before jax creates a backend
@@ -147,7 +149,8 @@ def main(argv):
   workdir = _WORKDIR.value or _default_workdir(_config_path())
   user_errors = (data.DatasetNotFoundError, data.BadImageError, convert.CheckpointError,
                  teachers.TeacherError, FileNotFoundError, KeyError, ValueError)
-  run_errors = (trainer.TrainingError, checkpoint.CheckpointSaveError)
+  run_errors = (trainer.TrainingError, checkpoint.CheckpointSaveError,
+                checkpoint.CheckpointReadError)
   try:
     if _MODE.value == "train":
       if config is None:

@@ -162,6 +162,11 @@ class Helper:
     """Writes into `config` what building this helper in `workdir` will change (default:
     nothing)."""
 
+  def runs_first(self, config, workdir: str) -> list:
+    """[(config, workdir)] of the runs that building this helper trains first (a teacher in
+    `<workdir>/teacher`); the workdir guard checks each against what its workdir holds."""
+    return []
+
 
 def phase_at(phases: Sequence[Phase], step: int) -> int:
   """Index of the phase that runs train step `step` (phases cycle)."""

@@ -50,6 +50,10 @@ class TeacherHelper(Helper):
       self.resolve_config(env.config, env.workdir)
     return teachers.make_teacher(tcfg, env.mesh, env.train_source, env.restore)
 
+  def runs_first(self, config, workdir: str) -> list:
+    first = config.teacher.get("train_first")
+    return [] if first is None else [(first, os.path.join(workdir, "teacher"))]
+
   def resolve_config(self, config, workdir: str) -> None:
     # The student's saved config names the teacher it used (its checkpoint).
     if config.teacher.get("train_first") is not None:

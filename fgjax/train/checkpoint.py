@@ -17,7 +17,10 @@ What a failure leaves (docs/failures.md):
   fault, not the checkpoint's, and raises `CheckpointLayoutError` naming the first differences
   (nothing is moved). A checkpoint whose metadata or data cannot be read (bit rot, a partial
   copy) is named in a warning, moved aside to `<step>.corrupt` (never deleted) and the next
-  older one is tried; `NoUsableCheckpointError` when none restores.
+  older one is tried; `NoUsableCheckpointError` when none restores. A read that fails for a
+  reason of the machine (out of memory, permissions) raises `CheckpointReadError` and moves
+  nothing. Readers (`read_only=True`: eval, predict, ...) create and clean up nothing, so they
+  can run beside a training run.
 """
 from __future__ import annotations
 
@@ -46,6 +49,36 @@ class NoUsableCheckpointError(FileNotFoundError):
 
 class CheckpointSaveError(RuntimeError):
   """A checkpoint could not be written (a full disk, a read-only filesystem, ...)."""
+
+
+class CheckpointReadError(RuntimeError):
+  """A checkpoint could not be read for a reason that is not damage to its files (out of
+  memory, permissions, an unavailable filesystem): nothing is moved aside."""
+
+
+# Errors of the machine, not of the files: moving the checkpoint aside would not help, and the
+# same error would condemn every older checkpoint too.
+_NOT_DAMAGE = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED",
+               "CANCELLED", "UNAUTHENTICATED", "Permission denied", "out of memory",
+               "Out of memory", "Stale file handle")
+_NOT_DAMAGE_ERRNOS = (errno.EACCES, errno.EPERM, errno.ENOMEM, errno.EIO, errno.ESTALE,
+                      errno.ETIMEDOUT, errno.EAGAIN)
+
+
+def is_damage(exc: BaseException) -> bool:
+  """Whether a failed read means the checkpoint's files are damaged (undecodable data,
+  missing or truncated files), rather than a problem of the machine."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if isinstance(exc, MemoryError):
+      return False
+    if isinstance(exc, OSError) and exc.errno in _NOT_DAMAGE_ERRNOS:
+      return False
+    if any(marker in str(exc) for marker in _NOT_DAMAGE):
+      return False
+    exc = exc.__cause__ or exc.__context__
+  return True
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -128,22 +161,53 @@ def layout_differences(stored, wanted, limit: int = 4) -> list[str]:
   return diffs
 
 
-def move_aside(path: str) -> str:
-  """Renames a damaged checkpoint directory to `<path>.corrupt` (`.corrupt.<n>` if taken)."""
+def move_aside(path: str) -> str | None:
+  """Renames a damaged checkpoint (a directory or a file) to `<path>.corrupt` (`.corrupt.<n>`
+  if taken); returns the new name, or None (with a warning) where renaming fails, e.g. on a
+  read-only filesystem. Only process 0 renames."""
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return None
   target, n = path + ".corrupt", 1
   while os.path.exists(target):
     target, n = f"{path}.corrupt.{n}", n + 1
-  os.rename(path, target)
+  try:
+    os.rename(path, target)
+  except OSError as e:
+    log.warning("could not move %s aside (%s): it stays in place and is skipped", path, e)
+    return None
   return target
+
+
+def _agree(status: int) -> int:
+  """The worst of every process's status for one restore attempt (0 restored, 1 damaged,
+  2 not damage): all processes take the same branch, so none resumes alone or waits alone."""
+  if jax.process_count() == 1:
+    return status
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return int(np.max(multihost_utils.process_allgather(np.array([status], np.int32))))
+
+
+def _barrier(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 class Checkpointer:
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
+    """`read_only` (eval, predict and the other modes, which may run beside a training run):
+    creates nothing and leaves orbax's temporary directories of a save in progress alone."""
     quiet.install()
     self.workdir = os.path.abspath(workdir)
-    opts = dict(create=True, enable_async_checkpointing=async_save,
-                cleanup_tmp_directories=True)
+    if read_only:
+      opts = dict(create=False, read_only=True, cleanup_tmp_directories=False,
+                  enable_async_checkpointing=False)
+    else:  # a partial save left by a killed run is removed here
+      opts = dict(create=True, enable_async_checkpointing=async_save,
+                  cleanup_tmp_directories=True)
     handler = ocp.StandardCheckpointHandler()
     self.last = ocp.CheckpointManager(
         os.path.join(self.workdir, "checkpoints"), item_handlers=handler,
@@ -154,6 +218,7 @@ class Checkpointer:
             max_to_keep=1, best_fn=lambda m: m["val_top1"], best_mode="max", **opts))
     self.data_dir = os.path.join(self.workdir, "data_state")
     self._pending = {}  # id(manager) -> step of its last save started
+    self._on_commit = []  # callbacks run once the next save has committed
 
   # ------------------------------------------------------------------ saving
   def _save_data_state(self, step: int, data_state: Any):
@@ -212,6 +277,23 @@ class Checkpointer:
             f"cause is logged above, e.g. no space left on the device); the checkpoints saved "
             f"before are intact: fix the cause and rerun the same command to resume from the "
             f"newest of them")
+      callbacks, self._on_commit = self._on_commit, []
+      for fn in callbacks:
+        fn()
+
+  def when_committed(self, fn):
+    """Runs `fn()` once the next checkpoint save has committed (the trainer writes a changed
+    config.json then, so it never describes checkpoints that do not exist)."""
+    self._on_commit.append(fn)
+
+  def moved_aside(self) -> list[str]:
+    """Checkpoint directories that a restore moved aside as damaged (`<step>.corrupt*`)."""
+    out = []
+    for mgr in (self.last, self.best):
+      d = str(mgr.directory)
+      if os.path.isdir(d):
+        out += sorted(os.path.join(d, n) for n in os.listdir(d) if ".corrupt" in n)
+    return out
 
   def save(self, step: int, state, data_state=None, force: bool = False) -> bool:
     """Starts an asynchronous save of `state` at `step` (no-op if that step exists)."""
@@ -221,17 +303,18 @@ class Checkpointer:
     self._save_data_state(step, data_state)
     saved = self._guarded(self.last, step, lambda: self.last.save(
         step, args=ocp.args.StandardSave(state), force=force))
-    self._pending[id(self.last)] = step
+    if saved:
+      self._pending[id(self.last)] = step
     self._prune_data_state(set(self.last.all_steps()) | set(self.best.all_steps()) | {step})
     return saved
 
   def save_best(self, step: int, state, val_top1: float, data_state=None):
     self.check()
     self._save_data_state(step, data_state)
-    self._guarded(self.best, step, lambda: self.best.save(
+    if self._guarded(self.best, step, lambda: self.best.save(
         step, args=ocp.args.StandardSave(state), metrics={"val_top1": float(val_top1)},
-        force=True))
-    self._pending[id(self.best)] = step
+        force=True)):
+      self._pending[id(self.best)] = step
     if jax.process_index() == 0:
       path = os.path.join(self.workdir, "best", "best.json")
       try:
@@ -296,7 +379,7 @@ class Checkpointer:
       if stored is None:
         raise ValueError("no tree metadata")
     except Exception as e:
-      raise _Damaged(where, e) from e
+      raise _Unreadable(where, e) from e
     diffs = layout_differences(stored, abstract_state)
     if diffs:
       raise CheckpointLayoutError(
@@ -306,7 +389,17 @@ class Checkpointer:
     try:
       return mgr.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except Exception as e:  # TensorStore's read errors are plain Exceptions
-      raise _Damaged(where, e) from e
+      raise _Unreadable(where, e) from e
+
+  def _attempt(self, mgr, step, abstract_state, with_data_state):
+    """(status, state, data, error): status 0 restored, 1 damaged, 2 unreadable for a reason
+    that is not damage. Layout errors raise (every process sees the same metadata)."""
+    try:
+      state = self._restore_one(mgr, step, abstract_state)
+      data = self.load_data_state(step) if with_data_state else None
+    except _Unreadable as e:
+      return (1 if e.damage else 2), None, None, e
+    return 0, state, data, None
 
   def restore(self, abstract_state, step: int | None = None, which: str = "last",
               with_data_state: bool = True):
@@ -314,11 +407,12 @@ class Checkpointer:
 
     With `step`, exactly that checkpoint of `which` ("last" or "best"). Without, the newest
     checkpoint that restores: for "last" the newest of checkpoints/ and best/, for "best" the
-    best one, then the last ones newest first. A damaged checkpoint is moved aside to
-    `<step>.corrupt` with a warning and the next is tried; `CheckpointLayoutError` (the
-    config's fault) stops at once; `NoUsableCheckpointError` when nothing restores. With
-    `with_data_state`, a checkpoint whose data-iterator state is unreadable counts as unusable
-    (its arrays are kept, the state file is moved aside) and the next older pair is tried.
+    best one, then the last ones newest first. A damaged checkpoint (undecodable data, missing
+    files; with `with_data_state`, an unreadable data-iterator state too) is moved aside to
+    `<step>.corrupt` with a warning, together with the other checkpoint of that step, and the
+    next is tried. `CheckpointLayoutError` (the config's fault) stops at once, as does
+    `CheckpointReadError` (out of memory, permissions: not the files' fault, nothing moved);
+    `NoUsableCheckpointError` when nothing restores. Every process takes the same decision.
     """
     if step is not None:
       mgr = self.best if which == "best" else self.last
@@ -328,41 +422,43 @@ class Checkpointer:
     if not candidates:
       raise NoUsableCheckpointError(f"no checkpoint in {self.workdir}/checkpoints or "
                                     f"{self.workdir}/best")
-    damaged, unpaired = [], set()
+    damaged, skipped = [], set()
     for mgr, kind, s in candidates:
-      if s in unpaired:  # that step's data-iterator state is gone: no exact resume from it
+      if s in skipped:
         continue
-      try:
-        state = self._restore_one(mgr, s, abstract_state)
-      except _Damaged as e:
-        moved = e.where
-        if jax.process_index() == 0 and os.path.isdir(e.where):
-          moved = move_aside(e.where)
-        log.warning("checkpoint %s cannot be read (%s): moved aside to %s; trying the next "
-                    "older one", e.where, e.reason, moved)
-        damaged.append(e.where)
-        mgr.reload()
-        continue
-      try:
-        data = self.load_data_state(s) if with_data_state else None
-      except _Damaged as e:  # no exact resume from it: the pair goes aside as one
-        ckpt_dir = os.path.join(str(mgr.directory), str(s))
-        if jax.process_index() == 0:
-          move_aside(e.where)
-          move_aside(ckpt_dir)
-        log.warning("the data-iterator state of %s cannot be read (%s): both moved aside as "
-                    "*.corrupt; trying the next older checkpoint", ckpt_dir, e.reason)
-        damaged.append(ckpt_dir)
-        unpaired.add(s)
-        mgr.reload()
-        continue
-      if damaged:
-        log.warning("restored %s/%d instead of the damaged %s", mgr.directory, s,
-                    ", ".join(damaged))
-      return state, data, s, kind
+      status, state, data, err = self._attempt(mgr, s, abstract_state, with_data_state)
+      agreed = _agree(status)
+      if agreed == 0:
+        if damaged:
+          log.warning("restored %s/%d instead of the damaged %s", mgr.directory, s,
+                      ", ".join(damaged))
+        return state, data, s, kind
+      where = err.where if err is not None else os.path.join(str(mgr.directory), str(s))
+      reason = err.reason if err is not None else "another process could not read it"
+      if agreed == 2:
+        raise CheckpointReadError(
+            f"{where} could not be read ({reason}); that is not damage to its files, so "
+            f"nothing was moved: fix the cause and rerun")
+      # Damaged: the checkpoint goes aside. An unreadable data-iterator state is shared by the
+      # step's checkpoints (last and best): the state file and both go aside as one.
+      step_dir = os.path.join(str(mgr.directory), str(s))
+      data_path = os.path.join(self.data_dir, str(s), f"process_{jax.process_index()}.json")
+      to_move = [step_dir]
+      if err is not None and err.where == data_path:
+        to_move = [data_path] + [os.path.join(str(m.directory), str(s))
+                                 for m in (self.last, self.best)]
+        skipped.add(s)
+      moved = [m for m in (move_aside(p) for p in to_move) if m]
+      _barrier(f"fgjax_checkpoint_moved_aside_{kind}_{s}")
+      log.warning("checkpoint %s cannot be read (%s): %s; trying the next older one", where,
+                  reason, "moved aside to " + ", ".join(moved) if moved else "skipped")
+      damaged.append(where)
+      for m in (self.last, self.best):
+        m.reload()
     raise NoUsableCheckpointError(
         f"no checkpoint of {self.workdir} could be restored: {', '.join(damaged)} "
-        f"{'is' if len(damaged) == 1 else 'are'} damaged (moved aside as *.corrupt)")
+        f"{'is' if len(damaged) == 1 else 'are'} damaged (moved aside as *.corrupt; "
+        f"docs/failures.md says how to recover)")
 
   def load_data_state(self, step: int):
     path = os.path.join(self.data_dir, str(step), f"process_{jax.process_index()}.json")
@@ -372,18 +468,20 @@ class Checkpointer:
       with open(path) as f:
         data = json.load(f)
     except (OSError, ValueError) as e:
-      raise _Damaged(path, e) from e
+      raise _Unreadable(path, e) from e
     if isinstance(data, dict) and set(data) == {"bytes"}:
       return data["bytes"].encode("utf-8")
     return data
 
 
-class _Damaged(Exception):
-  """A checkpoint whose metadata or data cannot be read."""
+class _Unreadable(Exception):
+  """A checkpoint (or its data-iterator state) whose metadata or data cannot be read;
+  `damage` says whether its files are at fault (`is_damage`)."""
 
   def __init__(self, where: str, cause: BaseException):
     self.where = where
     self.reason = _innermost_message(cause)
+    self.damage = is_damage(cause)
     super().__init__(f"{where}: {self.reason}")
 
 
@@ -405,7 +503,7 @@ def restore_params_from_workdir(workdir: str, abstract_state, prefer: str = "bes
   """Restores the state a finished run selected: its best checkpoint if it has one, else the
   newest last one (a damaged checkpoint is moved aside and the next tried). Returns
   (state, step, which)."""
-  ckpt = Checkpointer(workdir, async_save=False)
+  ckpt = Checkpointer(workdir, read_only=True)
   try:
     state, _, step, which = ckpt.restore(abstract_state, which=prefer, with_data_state=False)
     return state, step, which

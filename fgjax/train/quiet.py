@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 
+enabled = True  # run.py --traceback sets False: install() then does nothing
 _previous = {}
 _ORBAX = f"{os.sep}orbax{os.sep}checkpoint{os.sep}"
 _TENSORBOARD = f"{os.sep}tensorboardX{os.sep}"
@@ -60,7 +61,9 @@ class _AsyncioNeverRetrieved(logging.Filter):
 
 
 def install():
-  """Installs the filters once per process."""
+  """Installs the filters once per process (unless `enabled` is False)."""
+  if not enabled:
+    return
   if sys.unraisablehook is not _unraisable:
     _previous["unraisable"] = sys.unraisablehook
     sys.unraisablehook = _unraisable

@@ -131,6 +131,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stop = _StopFlag().install()
   failed = False
   try:
+    if not ckpt.has_checkpoint() and ckpt.moved_aside():
+      raise ckpt_lib.NoUsableCheckpointError(
+          f"every checkpoint of {workdir} was moved aside as damaged "
+          f"({', '.join(ckpt.moved_aside())}); starting again from step 0 would lose the run: "
+          f"rename one back to resume from it, or train into another --workdir "
+          f"(docs/failures.md)")
     if ckpt.has_checkpoint():
       state, data_state, start, kind = ckpt.restore(setup.abstract_train_state(
           config, method, optimizers, mesh, example))
@@ -141,7 +147,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        example)
       data_state, start = None, 0
     if guard.kind == "fresh":
-      guard.commit(config)  # a changed config is written with the run's first checkpoint
+      guard.commit(config)
+    else:  # a changed config.json is written once the run's first checkpoint has committed
+      ckpt.when_committed(lambda: guard.commit(config))
     writer = logs.MetricWriter(workdir)  # only once the state is there: a failed restore
                                          # leaves no new TensorBoard file
     if data_state is not None:
@@ -204,11 +212,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         val = run_eval(val_src, "val", step)
         if val is not None and val["top1"] > best_val:
           best_val = val["top1"]
-          guard.commit(config)
           ckpt.save_best(step, state, best_val, train_iter.get_state())
         run_eval(test_src, "test", step)
       if step % ckpt_every == 0 or last or stop:
-        guard.commit(config)
         ckpt.save(step, state, train_iter.get_state())
       if stop:
         bar.close()
@@ -225,16 +231,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       result["val"] = run_eval(val_src, "val", step)
       if result["val"]["top1"] > best_val:
         best_val = result["val"]["top1"]
-        guard.commit(config)
         ckpt.save_best(step, state, best_val, train_iter.get_state())
     which = "best" if ckpt.best_step() is not None else "last"
     ckpt.wait()
     if which == "best" and ckpt.best_step() != step:
-      state, _, sel_step, _ = ckpt.restore(sharding.abstract_with_shardings(state, mesh),
-                                           which="best", with_data_state=False)
-      log.info("selected the best validation checkpoint: step %d (val top-1 %.4f)", sel_step,
-               best_val)
-      result["val_selected"] = {"step": int(sel_step), "top1": best_val}
+      state, _, sel_step, which = ckpt.restore(sharding.abstract_with_shardings(state, mesh),
+                                               which="best", with_data_state=False)
+      if which == "best":
+        log.info("selected the best validation checkpoint: step %d (val top-1 %.4f)",
+                 sel_step, best_val)
+        result["val_selected"] = {"step": int(sel_step), "top1": best_val}
     result["test"] = run_eval(test_src, "test", step)
     result["selected"] = which
     guard.commit(config)

@@ -8,13 +8,16 @@ keys ending in `_resolved` are what a run derives from its data and are not comp
 - the same config: a resume;
 - only keys in `RESUMABLE` differ (a longer `total_steps`, other log, eval or checkpoint
   intervals, worker counts, a moved dataset folder): a resume, each change logged;
-- any other key differs: `WorkdirError` listing the keys (old -> new) and the two ways forward,
+- any other key differs, or the data has other class names (another dataset under the same
+  name or folder): `WorkdirError` listing the keys (old -> new) and the two ways forward,
   unless `config.resume_with_changes=True`, which resumes with the new config and keeps the old
   file as `config.<n>.json`.
+A run that a helper trains first (a teacher in `<workdir>/teacher`, `Helper.runs_first`) is
+checked the same way against its own workdir.
 A directory that holds files but no fgjax run (no config.json, checkpoints/ or teacher/) is
 refused too. The guard writes the new `config.json` only through `Guard.commit()`, which the
-trainer calls once the state is restored or created and, for a changed config, before the
-run's first checkpoint: a run that fails earlier leaves the old file as it was.
+trainer calls once the state is created (a new workdir) or, for a changed config, once the
+run's first checkpoint has committed: a run that fails earlier leaves the old file as it was.
 """
 from __future__ import annotations
 
@@ -82,6 +85,11 @@ def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
 def _show(value) -> str:
   text = value if value == "<unset>" else json.dumps(value)
   return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _names(names) -> str:
+  shown = ", ".join(map(str, names[:3])) + (", ..." if len(names) > 3 else "")
+  return f"{len(names)} classes ({shown})"
 
 
 def next_backup(workdir: str) -> str:
@@ -156,8 +164,14 @@ def check(config, workdir: str, helpers=()) -> Guard:
   except (OSError, ValueError) as e:
     raise WorkdirError(f"{path} is unreadable ({e}): restore it from a copy, or train into "
                        f"another --workdir") from None
+  for helper in helpers:  # a teacher trained first: its workdir holds its own run
+    for sub_config, sub_dir in helper.runs_first(config, workdir):
+      check(sub_config, sub_dir)
   new = as_json(resolve(config, workdir, helpers))
   diffs = differences(old, new)
+  old_names, new_names = old.get("class_names_resolved"), new.get("class_names_resolved")
+  if old_names and new_names and list(old_names) != list(new_names):  # another dataset
+    diffs.insert(0, ("class_names_resolved", _names(old_names), _names(new_names)))
   if not diffs:
     return Guard(workdir, "same")
   blocking = [d for d in diffs if not _matches(d[0], RESUMABLE)]
