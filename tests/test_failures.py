@@ -401,6 +401,20 @@ def test_disk_full_error_names_the_path_and_free_space(trained, tmp_path, monkey
   assert str(e2) == "could not save /x: [Errno 13] Permission denied"
 
 
+def test_a_full_disk_under_the_metrics_names_the_file(tmp_path):
+  """/dev/full answers every write with ENOSPC: the error names the metrics file (run.py adds
+  the free space)."""
+  from fgjax.train import logs
+  if not os.path.exists("/dev/full"):
+    pytest.skip("no /dev/full on this system")
+  writer = logs.MetricWriter(str(tmp_path), enabled=True)
+  writer.path = "/dev/full"
+  with pytest.raises(OSError) as e:
+    writer.write(1, "train", {"loss": 1.0})
+  assert e.value.errno == errno.ENOSPC and e.value.filename == "/dev/full"
+  writer.close()
+
+
 # ----------------------------------------------------------------------------- kill -9
 
 

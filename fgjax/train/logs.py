@@ -45,8 +45,11 @@ class MetricWriter:
       return
     row = {"step": int(step), "split": split, "time": round(time.time(), 3)}
     row.update({k: _scalar(v) for k, v in metrics.items()})
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    except OSError as e:  # name the file (a failed write or close has no filename): run.py
+      raise OSError(e.errno, e.strerror, self.path) from e  # reports it with the free space
     if self._tb is not None:
       for k, v in row.items():
         if k not in ("step", "split", "time") and isinstance(v, (int, float)) and \

@@ -105,9 +105,12 @@ def write_config(config, workdir: str) -> str:
   path = os.path.join(workdir, "config.json")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)
+    try:
+      with open(path + ".tmp", "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+      os.replace(path + ".tmp", path)
+    except OSError as e:  # a full disk: name the file; config.json itself is untouched
+      raise OSError(e.errno, e.strerror, path + ".tmp") from e
   return path
 
 
