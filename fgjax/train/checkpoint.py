@@ -65,19 +65,26 @@ _NOT_DAMAGE_ERRNOS = (errno.EACCES, errno.EPERM, errno.ENOMEM, errno.EIO, errno.
                       errno.ETIMEDOUT, errno.EAGAIN)
 
 
-def is_damage(exc: BaseException) -> bool:
-  """Whether a failed read means the checkpoint's files are damaged (undecodable data,
-  missing or truncated files), rather than a problem of the machine."""
+def _causes(exc: BaseException | None):
+  """`exc` and the exceptions it was raised from (`__cause__`, else `__context__`), outermost
+  first, each once."""
   seen = set()
   while exc is not None and id(exc) not in seen:
     seen.add(id(exc))
-    if isinstance(exc, MemoryError):
-      return False
-    if isinstance(exc, OSError) and exc.errno in _NOT_DAMAGE_ERRNOS:
-      return False
-    if any(marker in str(exc) for marker in _NOT_DAMAGE):
-      return False
+    yield exc
     exc = exc.__cause__ or exc.__context__
+
+
+def is_damage(exc: BaseException) -> bool:
+  """Whether a failed read means the checkpoint's files are damaged (undecodable data,
+  missing or truncated files), rather than a problem of the machine."""
+  for e in _causes(exc):
+    if isinstance(e, MemoryError):
+      return False
+    if isinstance(e, OSError) and e.errno in _NOT_DAMAGE_ERRNOS:
+      return False
+    if any(marker in str(e) for marker in _NOT_DAMAGE):
+      return False
   return True
 
 
@@ -85,16 +92,13 @@ def is_damage(exc: BaseException) -> bool:
 
 
 def _is_disk_full(exc: BaseException) -> bool:
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+  for e in _causes(exc):
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
       return True
-    text = str(exc)
+    text = str(e)
     if "No space left on device" in text or "os_error_code='28'" in text or \
         "Disk quota exceeded" in text:
       return True
-    exc = exc.__cause__ or exc.__context__
   return False
 
 
@@ -125,22 +129,12 @@ def save_error(path: str, exc: BaseException) -> CheckpointSaveError:
   return CheckpointSaveError(f"could not save {path}: {first}")
 
 
-def _key_name(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def _shapes(tree) -> dict[tuple, tuple]:
-  """{path of names: shape} of a tree's array leaves (None leaves, e.g. empty optax states,
-  are not stored and not compared)."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    if leaf is None:
-      continue
-    out[tuple(_key_name(k) for k in path)] = tuple(getattr(leaf, "shape", ()) or ())
-  return out
+def _shapes(tree) -> dict[str, tuple]:
+  """{dotted path: shape} of a tree's array leaves (None leaves, e.g. empty optax states, are
+  not stored and not compared)."""
+  return {jax.tree_util.keystr(path, simple=True, separator="."):
+          tuple(getattr(leaf, "shape", ()) or ())
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree) if leaf is not None}
 
 
 def layout_differences(stored, wanted, limit: int = 4) -> list[str]:
@@ -148,14 +142,13 @@ def layout_differences(stored, wanted, limit: int = 4) -> list[str]:
   missing or extra arrays and shape changes, as readable lines."""
   a, b = _shapes(stored), _shapes(wanted)
   diffs = []
-  for k in sorted(set(a) | set(b), key=lambda k: (k[:1] != ("params",), k)):  # params first
-    name = ".".join(k)
-    if k not in a:
-      diffs.append(f"{name}: not in the checkpoint (the config builds {list(b[k])})")
+  for k in sorted(set(a) | set(b), key=lambda k: (not k.startswith("params."), k)):  # params
+    if k not in a:                                                                    # first
+      diffs.append(f"{k}: not in the checkpoint (the config builds {list(b[k])})")
     elif k not in b:
-      diffs.append(f"{name}: in the checkpoint {list(a[k])}, not built by the config")
+      diffs.append(f"{k}: in the checkpoint {list(a[k])}, not built by the config")
     elif a[k] != b[k]:
-      diffs.append(f"{name}: stored {list(a[k])}, the config builds {list(b[k])}")
+      diffs.append(f"{k}: stored {list(a[k])}, the config builds {list(b[k])}")
   if len(diffs) > limit:
     diffs = diffs[:limit] + [f"... and {len(diffs) - limit} more"]
   return diffs
@@ -488,15 +481,12 @@ class _Unreadable(Exception):
 def _innermost_message(exc: BaseException) -> str:
   """The first line of the deepest cause (TensorStore's own error, e.g. a ZSTD decompression
   failure, under orbax's generic "Encountered error while reading array index")."""
-  seen = []
-  while exc is not None and exc not in seen:
-    seen.append(exc)
-    exc = exc.__cause__ or exc.__context__
-  for e in reversed(seen):
+  chain = list(_causes(exc))
+  for e in reversed(chain):
     text = str(e).strip()
     if text:
       return text.splitlines()[0][:240]
-  return type(seen[-1]).__name__
+  return type(chain[-1]).__name__
 
 
 def restore_params_from_workdir(workdir: str, abstract_state, prefer: str = "best"):

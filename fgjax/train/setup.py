@@ -15,7 +15,6 @@ finished run for evaluation, prediction and the toolkit). The loop (`fgjax.train
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any, Callable
@@ -33,6 +32,7 @@ from fgjax.methods import base as protocol
 from fgjax.train import checkpoint as ckpt_lib
 from fgjax.train import optim
 from fgjax.train import sharding
+from fgjax.train import workdir as workdir_lib
 
 log = logging.getLogger("fgjax")
 
@@ -77,12 +77,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} an fgjax workdir?")
-  try:
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path} is unreadable ({e}); an earlier copy may be kept beside it as "
-                     f"config.<n>.json") from None
+  return ml_collections.ConfigDict(workdir_lib.read_saved(workdir))
 
 
 # ----------------------------------------------------------------------------- data

@@ -92,6 +92,19 @@ def _names(names) -> str:
   return f"{len(names)} classes ({shown})"
 
 
+def read_saved(workdir: str) -> dict:
+  """The dict a run saved as `<workdir>/config.json`; `WorkdirError` (a ValueError) when it
+  is unreadable."""
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f"{path} is unreadable ({e}): restore it from a copy (an earlier one "
+                       f"may be kept beside it as config.<n>.json), or train into another "
+                       f"--workdir") from None
+
+
 def next_backup(workdir: str) -> str:
   """`config.<n>.json` with n one more than the largest already in `workdir`."""
   taken = [int(m.group(1)) for name in os.listdir(workdir)
@@ -161,12 +174,7 @@ def check(config, workdir: str, helpers=()) -> Guard:
             f"--workdir={workdir} is not an fgjax run (it holds {shown} but no config.json or "
             f"checkpoints/): give a new or empty directory")
     return Guard(workdir, "fresh")
-  try:
-    with open(path) as f:
-      old = json.load(f)
-  except (OSError, ValueError) as e:
-    raise WorkdirError(f"{path} is unreadable ({e}): restore it from a copy, or train into "
-                       f"another --workdir") from None
+  old = read_saved(workdir)
   for helper in helpers:  # a teacher trained first: its workdir holds its own run
     for sub_config, sub_dir in helper.runs_first(config, workdir):
       check(sub_config, sub_dir)
