@@ -41,7 +41,7 @@ def base_config(method: str = "classifier") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name="synthetic", data_dir=None, test_split="test", val_fraction=0.0,
       resize_size=256, resize_mode="shorter", interpolation="bilinear", normalize="imagenet",
-      worker_count=0, prefetch=2,
+      backend="opencv", draft_decode=True, worker_count=0, prefetch=2,
       skip_bad_images=False, source_kwargs={}, split_kwargs={},
       augment=dict(flip=True, sharpness=0.0, randaugment=None, autoaugment=False,
                    color_jitter=(0.0, 0.0, 0.0))))

@@ -32,9 +32,17 @@ def test_train_step_benchmark_runs_on_cpu():
 
 
 def test_input_pipeline_benchmark_runs():
-  out = _script("input_pipeline.py", "--batches", "1", "--batch-size", "4", "--images", "8",
-                "--repeats", "1")
-  assert out.count("| jpeg 500x375") == 2 and "| synthetic 500 px" in out
+  out = _script("input_pipeline.py", "--batches", "1", "--batch-size", "2", "--images", "2",
+                "--repeats", "1", "--workers", "0")
+  rows = [line for line in out.splitlines() if line.startswith("| 500x375") or
+          line.startswith("| 3000x2000")]
+  names = [[c.strip() for c in r.strip("|").split("|")][2] for r in rows]
+  assert names == ["bare OpenCV", "fgjax (opencv)", "fgjax (pil, host float32)",
+                   "bare OpenCV", "fgjax (opencv)", "fgjax (opencv, no draft)",
+                   "fgjax (pil, host float32)"], names
+  for r in rows:
+    cells = [c.strip() for c in r.strip("|").split("|")]
+    assert float(cells[3]) > 0 and cells[5].endswith("x")
 
 
 def test_memory_benchmark_runs():

@@ -213,7 +213,7 @@ def test_a_registered_method_restores_without_its_registration(tmp_path):
   trainer.train_and_evaluate(cfg, str(tmp_path))
   saved = json.load(open(tmp_path / "config.json"))
   assert saved["method_import_resolved"] == "test_method_protocol:ToyAlternating"
-  assert saved["batch_spec_resolved"]["image"] == [[32, 32, 3], "float32"]
+  assert saved["batch_spec_resolved"]["image"] == [[32, 32, 3], "uint8"]
   del methods.METHODS["toy_alternating"]
   try:
     _, _, method, variables, info = setup.restore_model(str(tmp_path))

@@ -39,8 +39,8 @@ class Source:
     return len(self.ids)
 
   def get(self, i: int, min_size: int | None = None) -> tuple[Any, dict]:
-    """(PIL RGB image, record without the image) of example i (0 <= i < len): what the
-    pipeline transforms. `min_size` allows decoding a JPEG at a reduced size whose shorter side
+    """(RGB image: a uint8 (H, W, 3) array or a PIL image, record without the image) of
+    example i (0 <= i < len): what the pipeline transforms. `min_size` allows decoding a JPEG at a reduced size whose shorter side
     stays >= min_size (boxes in the record are scaled to match)."""
     raise NotImplementedError
 

@@ -12,11 +12,23 @@
 - An undecodable or truncated file raises `BadImageError` (an OSError) whose message names the
   file. (This relies on PIL's default `ImageFile.LOAD_TRUNCATED_IMAGES = False`.)
 
-`min_size` lets JPEG decoding use PIL's draft mode (DCT scaling by 1/2, 1/4, 1/8) when the image
-is at least twice as large as needed; the decoded image's shorter side stays >= min_size.
+`min_size` lets JPEG decoding work at a reduced DCT scale (1/2, 1/4 or 1/8: libjpeg's scaled
+IDCT, through PIL's `Image.draft` or OpenCV's `IMREAD_REDUCED_*`) when the image is at least twice
+as large as needed: the smallest scale whose shorter side stays >= min_size. A 3000 x 2000 photo
+for a 960-pixel crop decodes at 1500 x 1000, which doubles the train loader's rate
+(docs/benchmarks.md).
+
+Two decoders, one result. `read_image` (what the sources and `load_image` use) decodes RGB and
+grayscale JPEGs with OpenCV (libjpeg-turbo, the same library and settings as PIL's: the pixels
+are identical, tested) and every other file with PIL as above; `open_image` always uses PIL and
+returns a PIL image. The OpenCV path reads the header (mode, size, EXIF orientation) with PIL,
+which decodes nothing, and applies the orientation itself. A JPEG that does not end in its EOI
+marker (a truncated file, which libjpeg may fill with grey rows) goes to PIL, which raises
+`BadImageError` for it.
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -105,5 +117,98 @@ def _decode(fileobj, label, min_size, return_scale):
 
 
 def load_image(path, min_size: int | None = None) -> np.ndarray:
-  """Decodes `path` to an (H, W, 3) uint8 RGB array."""
-  return np.asarray(open_image(path, min_size), dtype=np.uint8)
+  """Decodes `path` to an (H, W, 3) uint8 RGB array (`read_image`)."""
+  return read_image(path, min_size)
+
+
+def draft_factor(size, min_size: int | None) -> int:
+  """The DCT reduction (1, 2, 4 or 8) a JPEG of `size` (w, h) decodes at for `min_size`: the
+  largest power of two that keeps the shorter side >= min_size (PIL's `draft` rule)."""
+  if not min_size:
+    return 1
+  w, h = size
+  scale = min(w, h) / float(min_size)
+  if scale < 2:
+    return 1
+  want = (int(np.ceil(w / scale)), int(np.ceil(h / scale)))
+  ratio = min(w // want[0], h // want[1])
+  return next(s for s in (8, 4, 2, 1) if ratio >= s)
+
+
+_cv2 = None
+
+
+def opencv():
+  """The cv2 module (imported once; its own thread pool off, since the loaders parallelise
+  over examples), or None where OpenCV is not installed."""
+  global _cv2
+  if _cv2 is None:
+    try:
+      import cv2
+    except ImportError:
+      _cv2 = False
+    else:
+      cv2.setNumThreads(1)
+      _cv2 = cv2
+  return _cv2 or None
+
+
+# EXIF orientation -> the array transform `ImageOps.exif_transpose` applies.
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _cv2_jpeg(data: bytes, min_size, draft: bool):
+  """(RGB uint8 array, scale) of a baseline RGB/grayscale JPEG through OpenCV, or None when the
+  file is something else (PIL then decodes it)."""
+  cv2 = opencv()
+  if cv2 is None or not data.startswith(b"\xff\xd8\xff") or not data.endswith(b"\xff\xd9"):
+    return None
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+        return None
+      size = im.size
+      orientation = im.getexif().get(0x0112, 1) if "exif" in im.info else 1
+  except Exception:  # noqa: BLE001 - PIL decides what is an error (it raises BadImageError)
+    return None
+  factor = draft_factor(size, min_size) if draft else 1
+  reduced = {1: 0, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+             8: cv2.IMREAD_REDUCED_COLOR_8}[factor] & ~cv2.IMREAD_COLOR
+  arr = cv2.imdecode(np.frombuffer(data, np.uint8),
+                     reduced | cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+  want = (-(-size[1] // factor), -(-size[0] // factor))
+  if arr is None or arr.shape != want + (3,):
+    return None
+  scale = arr.shape[1] / size[0]
+  if orientation in _ORIENT:
+    arr = np.ascontiguousarray(_ORIENT[orientation](arr))
+  return arr, scale
+
+
+def read_image(path, min_size: int | None = None, return_scale: bool = False,
+               name: str | None = None, draft: bool = True):
+  """Decodes `path` (a path or a binary file object) to an (H, W, 3) uint8 RGB array: OpenCV
+  for RGB and grayscale JPEGs, PIL for the rest (module docstring); `name` is how errors refer
+  to it. `draft=False` decodes JPEGs at full size whatever `min_size`. With `return_scale`,
+  returns (array, scale), scale = decoded size / stored size."""
+  if isinstance(path, (str, os.PathLike)):
+    path = os.fspath(path)
+    label = name or path
+    with open(path, "rb") as f:
+      data = f.read()
+  else:
+    label = name or getattr(path, "name", "<image bytes>")
+    data = path.read()
+  fast = _cv2_jpeg(data, min_size, draft)
+  if fast is None:
+    img, scale = _decode(io.BytesIO(data), label, min_size if draft else None, True)
+    fast = np.asarray(img, dtype=np.uint8), scale
+  return fast if return_scale else fast[0]

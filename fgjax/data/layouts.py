@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from fgjax.data.base import DatasetError, DatasetNotFoundError, Source, _check_labels
-from fgjax.data.images import BadImageError, open_image
+from fgjax.data.images import BadImageError, read_image
 
 log = logging.getLogger("fgjax")
 
@@ -100,7 +100,7 @@ class FileSource(Source):
   def _drop_bad_images(self):
     def check(path):
       try:
-        open_image(path, min_size=32)
+        read_image(path, min_size=32)
         return True
       except (BadImageError, OSError):
         return False
@@ -118,7 +118,7 @@ class FileSource(Source):
   def get(self, i, min_size=None):
     path = self.files[i]
     try:
-      img, scale = open_image(path, min_size, return_scale=True)
+      img, scale = read_image(path, min_size, return_scale=True)
     except FileNotFoundError:
       raise BadImageError(f"image file missing: {path} (example id {int(self.ids[i])})") \
           from None

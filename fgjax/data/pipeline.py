@@ -19,7 +19,10 @@ and every process yields the same number of batches (as multi-host jit requires)
 gets rows [p*L, (p+1)*L) of each global batch.
 
 Batches are dicts of numpy arrays (L = global_batch_size / process count):
-  image       float32 (L, S, S, 3), normalised
+  image       uint8 (L, S, S, 3), RGB: normalisation happens on the device, as the first op
+              of every jitted step (`fgjax.data.normalize_batch` with the loader's `normalize`
+              kind), which keeps host memory and host-to-device copies 4x smaller than float32;
+              with `host_normalize=True` float32 (L, S, S, 3), normalised on the host
   label, id   int32 (L,)
   object_box  float32 (L, 4) x0, y0, x1, y1 in output pixels; -1 where the dataset has none or
               the box left the crop
@@ -27,7 +30,11 @@ Batches are dicts of numpy arrays (L = global_batch_size / process count):
               padded to P with -1 rows
   mask        bool (L,), eval only
 A loader's `element_spec` gives the fields of its global batch as ShapeDtypeStructs
-(`batch_spec`).
+(`batch_spec`), and `normalize` the normalisation its images are meant for.
+
+Decoding and transforms: `backend` "opencv" (default) or "pil" (`fgjax.data.transforms`:
+the same crops within one level of uint8); `draft=True` decodes JPEGs at the smallest DCT
+scale whose shorter side is still >= resize_size (`fgjax.data.images`).
 Text and file names stay out of batches. `to_global_batch` assembles global `jax.Array`s with
 `jax.make_array_from_process_local_data`.
 """
@@ -49,10 +56,11 @@ BOX_KEYS = ("object_box", "part_boxes")
 _AUGMENT_STREAM = 0x5EED  # separates the augmentation rngs from other uses of the seed
 
 
-def _fields(image_size: int, num_parts: int | None) -> dict:
+def _fields(image_size: int, num_parts: int | None, host_normalize: bool = False) -> dict:
   """{field: (per-example shape, dtype)} of a batch (see the module docstring)."""
   s = int(image_size)
-  out = {"image": ((s, s, 3), np.float32), "label": ((), np.int32), "id": ((), np.int32),
+  out = {"image": ((s, s, 3), np.float32 if host_normalize else np.uint8),
+         "label": ((), np.int32), "id": ((), np.int32),
          "object_box": ((4,), np.float32)}
   if num_parts is not None:
     out["part_boxes"] = ((int(num_parts), 4), np.float32)
@@ -60,11 +68,12 @@ def _fields(image_size: int, num_parts: int | None) -> dict:
 
 
 def batch_spec(image_size: int, num_parts: int | None = None, batch_size: int = 1,
-               eval: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+               eval: bool = False, host_normalize: bool = False
+               ) -> dict[str, jax.ShapeDtypeStruct]:
   """The fields of a global batch as ShapeDtypeStructs (a loader's `element_spec`); with
   `eval` the `mask` too. Models are initialised from an example of it."""
   out = {k: jax.ShapeDtypeStruct((int(batch_size),) + shape, dtype)
-         for k, (shape, dtype) in _fields(image_size, num_parts).items()}
+         for k, (shape, dtype) in _fields(image_size, num_parts, host_normalize).items()}
   if eval:
     out["mask"] = jax.ShapeDtypeStruct((int(batch_size),), np.bool_)
   return out
@@ -103,12 +112,16 @@ class _BatchBuilder:
   arrays (no per-example float32 copies, no stacking). A picklable callable for grain workers."""
 
   def __init__(self, source: Source, image_size: int, resize_size: int, resize_mode: str,
-               normalize: str, num_parts: int | None, interpolation: str = "bilinear"):
+               normalize: str, num_parts: int | None, interpolation: str = "bilinear",
+               backend: str = "opencv", draft: bool = True, host_normalize: bool = False):
     transforms.resample_filter(interpolation)  # validates the name
     self.source = source
     self.image_size, self.resize_size, self.resize_mode = image_size, resize_size, resize_mode
     self.interpolation = interpolation
-    self.normalizer = transforms.Normalizer(normalize)
+    self.normalizer = transforms.Normalizer(normalize)  # validates the kind
+    self.host_normalize = bool(host_normalize)
+    self.backend = transforms.check_backend(backend)
+    self.min_size = resize_size if draft else None  # the draft decoding bound
     self.num_parts = num_parts
 
   def _boxes_in(self, rec) -> dict:
@@ -116,13 +129,18 @@ class _BatchBuilder:
 
   def _alloc(self, n: int) -> dict:
     return {k: np.empty((n,) + shape, dtype)
-            for k, (shape, dtype) in _fields(self.image_size, self.num_parts).items()}
+            for k, (shape, dtype) in _fields(self.image_size, self.num_parts,
+                                             self.host_normalize).items()}
 
   def spec(self, global_batch_size: int, eval: bool = False) -> dict:
-    return batch_spec(self.image_size, self.num_parts, global_batch_size, eval)
+    return batch_spec(self.image_size, self.num_parts, global_batch_size, eval,
+                      self.host_normalize)
 
   def _fill(self, out: dict, k: int, rec: dict, u8: np.ndarray, boxes: dict):
-    self.normalizer(u8, out=out["image"][k])
+    if self.host_normalize:
+      self.normalizer(u8, out=out["image"][k])
+    else:
+      out["image"][k] = u8
     out["label"][k] = rec["label"]
     out["id"][k] = rec["id"]
     ob = boxes.get("object_box")
@@ -141,10 +159,11 @@ class TrainBatch(_BatchBuilder):
   """
 
   def __init__(self, source, image_size, resize_size, resize_mode, normalize, num_parts,
-               interpolation, *, index: grain.MapDataset, seed: int, global_batch_size: int,
-               shard_index: int, shard_count: int, **augment):
+               interpolation, backend, draft, host_normalize, *, index: grain.MapDataset,
+               seed: int, global_batch_size: int, shard_index: int, shard_count: int,
+               **augment):
     super().__init__(source, image_size, resize_size, resize_mode, normalize, num_parts,
-                     interpolation)
+                     interpolation, backend, draft, host_normalize)
     self.index, self.seed = index, int(seed)
     self.global_batch_size = int(global_batch_size)
     self.shard_index, self.shard_count = int(shard_index), int(shard_count)
@@ -156,11 +175,12 @@ class TrainBatch(_BatchBuilder):
     for k in range(local):
       q = int(b) * self.global_batch_size + self.shard_index + k * self.shard_count
       rng = np.random.default_rng((self.seed, _AUGMENT_STREAM, q))
-      img, rec = self.source.get(int(self.index[q]), min_size=self.resize_size)
+      img, rec = self.source.get(int(self.index[q]), min_size=self.min_size)
       u8, boxes = transforms.train_crop(img, rng, image_size=self.image_size,
                                         resize_size=self.resize_size,
                                         resize_mode=self.resize_mode,
                                         interpolation=self.interpolation,
+                                        backend=self.backend,
                                         boxes=self._boxes_in(rec), **self.augment)
       self._fill(out, k, rec, u8, boxes)
     return out
@@ -176,11 +196,12 @@ class EvalBatch(_BatchBuilder):
     out["mask"] = np.empty(len(positions), bool)
     for k, position in enumerate(positions):
       real = int(position) < len(self.source)
-      img, rec = self.source.get(int(position) if real else 0, min_size=self.resize_size)
+      img, rec = self.source.get(int(position) if real else 0, min_size=self.min_size)
       u8, boxes = transforms.eval_crop(img, image_size=self.image_size,
                                        resize_size=self.resize_size,
                                        resize_mode=self.resize_mode,
                                        interpolation=self.interpolation,
+                                       backend=self.backend,
                                        boxes=self._boxes_in(rec))
       self._fill(out, k, rec, u8, boxes)
       out["mask"][k] = real
@@ -196,12 +217,14 @@ class Loader:
   """
 
   def __init__(self, dataset: grain.IterDataset, num_batches: int | None = None,
-               element_spec: dict | None = None):
+               element_spec: dict | None = None, normalize: str = "imagenet"):
     self._dataset = dataset
     self._iter = iter(dataset)
     self.num_batches = num_batches
     # The fields of one global batch: {name: jax.ShapeDtypeStruct} (`batch_spec`).
     self.element_spec = element_spec
+    # What the jitted steps normalise its uint8 images with (`fgjax.data.normalize_batch`).
+    self.normalize = normalize
 
   def __iter__(self):
     return self
@@ -238,8 +261,8 @@ class Loader:
 class EvalLoader(Loader):
   """A finite loader; iterating it again (`iter(loader)`) starts a fresh pass."""
 
-  def __init__(self, dataset, num_batches, element_spec=None):
-    super().__init__(dataset, num_batches, element_spec)
+  def __init__(self, dataset, num_batches, element_spec=None, normalize="imagenet"):
+    super().__init__(dataset, num_batches, element_spec, normalize)
     self._started = False
 
   def __iter__(self):
@@ -318,7 +341,8 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
                       interpolation: str = "bilinear", flip: bool = True,
                       sharpness: float = 0.0, sharpness_p: float = 0.5,
                       randaugment: Any = None, autoaugment: Any = False,
-                      color_jitter: Any = None,
+                      color_jitter: Any = None, backend: str = "opencv", draft: bool = True,
+                      host_normalize: bool = False,
                       max_parts: int | None = None, worker_count: int = 0, prefetch: int = 2,
                       threads: int | None = None, shard_index: int | None = None,
                       shard_count: int | None = None) -> Loader:
@@ -330,7 +354,9 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
   sharpness (factor `sharpness`, p = `sharpness_p`; 0 = off) -> colour jitter (`color_jitter`
   = (brightness, contrast, saturation) as torchvision's ColorJitter) -> AutoAugment ImageNet policy
   (`autoaugment=True`) -> RandAugment (`randaugment`: N ops at magnitude 9, "N,M",
-  "rand-m9-n2" or (N, M)) -> normalise (`normalize`: "imagenet" mean/std or "half": 0.5/0.5).
+  "rand-m9-n2" or (N, M)); uint8 out, normalised on the device with `normalize` ("imagenet"
+  mean/std or "half": 0.5/0.5; on the host into float32 with `host_normalize=True`).
+  `backend` "opencv" or "pil"; `draft` JPEG decoding at a reduced DCT scale (module docstring).
   `shard_index` / `shard_count` default to jax.process_index() / jax.process_count().
   `worker_count` > 0 builds batches in that many grain worker processes; `threads` threads per
   process (default min(4, cores)); `prefetch` batches buffered.
@@ -344,7 +370,8 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
   ra_ops, ra_mag = _parse_randaugment(randaugment)
   index = grain.MapDataset.range(len(source)).seed(int(seed)).shuffle().repeat()
   fn = TrainBatch(source, image_size, resize_size, resize_mode, normalize,
-                  _box_layout(source, max_parts), interpolation, index=index, seed=int(seed),
+                  _box_layout(source, max_parts), interpolation, backend, bool(draft),
+                  bool(host_normalize), index=index, seed=int(seed),
                   global_batch_size=int(global_batch_size), shard_index=shard_index,
                   shard_count=shard_count, flip=bool(flip), sharpness=float(sharpness or 0.0),
                   sharpness_p=float(sharpness_p), randaugment_ops=ra_ops,
@@ -352,17 +379,19 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
                   color_jitter=transforms.parse_color_jitter(color_jitter))
   ds = grain.MapDataset.range(_MAX_BATCHES).map(fn)
   return Loader(_finish(ds, worker_count, prefetch, threads),
-                element_spec=fn.spec(global_batch_size))
+                element_spec=fn.spec(global_batch_size), normalize=normalize)
 
 
 def make_eval_loader(source: Source, *, global_batch_size: int, image_size: int,
                      resize_size: int | None = None, normalize: str = "imagenet",
                      resize_mode: str = "shorter", square_resize: bool = False,
-                     interpolation: str = "bilinear",
+                     interpolation: str = "bilinear", backend: str = "opencv",
+                     draft: bool = True, host_normalize: bool = False,
                      max_parts: int | None = None, worker_count: int = 0, prefetch: int = 2,
                      threads: int | None = None, shard_index: int | None = None,
                      shard_count: int | None = None, **unused_augment) -> EvalLoader:
-  """One ordered pass of resize + centre crop + normalise, padded with a `mask` (module
+  """One ordered pass of resize + centre crop (uint8; normalised on the device as for
+  `make_train_loader`), padded with a `mask` (module
   docstring). Augmentation arguments (flip, sharpness, ...) are accepted and ignored, so the
   train and eval loaders can share a config. `len(loader)` is the number of batches."""
   del unused_augment
@@ -377,10 +406,11 @@ def make_eval_loader(source: Source, *, global_batch_size: int, image_size: int,
   positions = (np.arange(n_batches)[:, None] * int(global_batch_size) + shard_index * local
                + np.arange(local)[None, :])
   fn = EvalBatch(source, image_size, resize_size, resize_mode, normalize,
-                 _box_layout(source, max_parts), interpolation)
+                 _box_layout(source, max_parts), interpolation, backend, bool(draft),
+                 bool(host_normalize))
   ds = grain.MapDataset.source(list(positions.reshape(n_batches, local))).map(fn)
   return EvalLoader(_finish(ds, worker_count, prefetch, threads), n_batches,
-                    element_spec=fn.spec(global_batch_size, eval=True))
+                    element_spec=fn.spec(global_batch_size, eval=True), normalize=normalize)
 
 
 def to_global_batch(batch: dict, mesh: jax.sharding.Mesh | None = None,

@@ -401,7 +401,7 @@ class SyntheticSource(Source):
 
   def get(self, i, min_size=None):
     ex = self.example(int(i))
-    return Image.fromarray(ex.pop("image")), ex
+    return ex.pop("image"), ex
 
 
 # ----------------------------------------------------------------------------- baselines

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 
 from fgjax.data.base import DatasetNotFoundError, Source, _check_labels
-from fgjax.data.images import BadImageError, open_image
+from fgjax.data.images import BadImageError, read_image
 
 log = logging.getLogger("fgjax")
 
@@ -103,11 +103,10 @@ class TfdsSource(Source):
     if self._encoded:
       data = value if isinstance(value, bytes) else np.asarray(value).item()
       try:
-        return open_image(io.BytesIO(data), min_size,
+        return read_image(io.BytesIO(data), min_size,
                           name=f"{self.name}/{self.split} record {j}")
       except FileNotFoundError:
         raise BadImageError(f"{self.name}/{self.split} record {j}: empty image") from None
-    from PIL import Image
     img = np.asarray(value)
     if img.ndim == 2:
       img = img[..., None]
@@ -117,7 +116,7 @@ class TfdsSource(Source):
       hi = 65535.0 if img.dtype == np.uint16 else (1.0 if img.dtype.kind == "f" else 255.0)
       img = np.clip(np.round(img.astype(np.float64) * (255.0 / hi)), 0, 255).astype(np.uint8)
     img = img[..., :3] if img.shape[-1] >= 3 else np.repeat(img[..., :1], 3, -1)
-    return Image.fromarray(np.ascontiguousarray(img))
+    return np.ascontiguousarray(img)
 
   def get(self, i, min_size=None):
     j = int(self._index[i])

@@ -18,13 +18,17 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fgjax import data as fgdata
-from fgjax.train.setup import TrainingError, make_eval_iter, pipeline_kwargs
+from fgjax.train.setup import TrainingError, make_eval_iter, normalize_kind, pipeline_kwargs
 from fgjax.train import sharding
+
+
+def _normalized(method, batch):
+  return fgdata.normalize_batch(batch, normalize_kind(method.config))
 
 
 def make_eval_step(method):
   def eval_step(variables, batch):
-    heads, values = method.eval_outputs(variables, batch)
+    heads, values = method.eval_outputs(variables, _normalized(method, batch))
     labels = batch["label"]
     res = {"mask": batch["mask"], "label": labels, "values": dict(values)}
     for name, logits in heads.items():
@@ -82,7 +86,7 @@ def predict_batches(method, variables, batches: Iterator, mesh) -> dict[str, np.
   """{"logits" (N, C), "id" (N,)} of the real (unpadded) examples of an eval loader's batches."""
   @jax.jit
   def fn(v, batch):
-    heads, _ = method.eval_outputs(v, batch)
+    heads, _ = method.eval_outputs(v, _normalized(method, batch))
     return {"logits": heads["logits"], "id": batch["id"], "mask": batch["mask"]}
 
   out = _gather(batches, fn, variables, mesh)
@@ -99,12 +103,14 @@ def predict_source(config, method, variables, source, mesh) -> dict[str, np.ndar
 
 
 def load_images(config, paths) -> np.ndarray:
-  """Image files as one float32 batch, preprocessed as the run's evaluation (resize, centre
-  crop, normalise)."""
+  """Image files as one uint8 batch, preprocessed as the run's evaluation (resize, centre
+  crop; the steps normalise on the device)."""
   kw = pipeline_kwargs(config, train=False)
-  for k in ("worker_count", "prefetch"):
+  for k in ("worker_count", "prefetch", "normalize"):
     kw.pop(k)
-  return np.stack([fgdata.eval_transform(fgdata.load_image(p), **kw) for p in paths])
+  draft = kw.pop("draft")
+  return np.stack([fgdata.transforms.eval_crop(
+      fgdata.load_image(p, kw["resize_size"] if draft else None), **kw)[0] for p in paths])
 
 
 def predict_images(config, method, variables, paths, mesh, batch_size: int | None = None):
@@ -113,7 +119,7 @@ def predict_images(config, method, variables, paths, mesh, batch_size: int | Non
   n_dev = mesh.devices.size
   bs = int(batch_size or config.get("eval_batch_size", config.batch_size))
   bs = max(n_dev, -(-bs // n_dev) * n_dev)
-  fn = jax.jit(lambda v, b: method.eval_outputs(v, b)[0]["logits"],
+  fn = jax.jit(lambda v, b: method.eval_outputs(v, _normalized(method, b))[0]["logits"],
                out_shardings=sharding.replicated(mesh))
   out = []
   for start in range(0, len(paths), bs):

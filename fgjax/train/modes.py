@@ -122,7 +122,9 @@ def visualize(workdir: str, paths, output: str | None = None, which: str = "best
     x = np.asarray(batch["image"])[:n]
     names = [f"test_{int(i)}" for i in np.asarray(batch["id"])[:n]]
   written = []
-  normalize = cfg.data.get("normalize", "imagenet")
+  normalize = setup.normalize_kind(cfg)
+  if x.dtype == np.uint8:  # what render draws on: the images the model saw
+    x = fgdata.Normalizer(normalize)(x)
   for name, img in zip(names, method.render(variables, x, normalize)):
     path = os.path.join(output, f"{name}_{method.picture}.png")
     img.save(path)

@@ -114,6 +114,8 @@ def pipeline_kwargs(config, train: bool) -> dict:
             normalize=dcfg.get("normalize", "imagenet"),
             resize_mode=dcfg.get("resize_mode", "shorter"),
             interpolation=dcfg.get("interpolation", "bilinear"),
+            backend=dcfg.get("backend", "opencv"),
+            draft=bool(dcfg.get("draft_decode", True)),
             worker_count=int(dcfg.get("worker_count", 0)),
             prefetch=int(dcfg.get("prefetch", 2)))
   if train:
@@ -132,9 +134,24 @@ def make_eval_iter(config, source, batch_size: int | None = None):
                                  **pipeline_kwargs(config, train=False))
 
 
+def normalize_kind(config) -> str:
+  """`config.data.normalize`: what the jitted steps normalise uint8 images with."""
+  return (config.get("data") or {}).get("normalize", "imagenet")
+
+
 def example_batch(spec: dict) -> dict:
-  """One example of a loader's element spec (`Loader.element_spec`), for initialisation."""
-  return {k: jnp.zeros((1,) + tuple(s.shape[1:]), s.dtype) for k, s in spec.items()}
+  """One example of a loader's element spec (`Loader.element_spec`), for initialisation, as
+  the method sees it: uint8 images become float32 (they are normalised inside the steps)."""
+  return _as_seen({k: (tuple(s.shape[1:]), s.dtype) for k, s in spec.items()})
+
+
+def _as_seen(fields: dict) -> dict:
+  out = {}
+  for k, (shape, dtype) in fields.items():
+    if k == "image" and np.dtype(dtype) == np.uint8:
+      dtype = jnp.float32
+    out[k] = jnp.zeros((1,) + tuple(shape), dtype)
+  return out
 
 
 def config_example(config) -> dict:
@@ -144,7 +161,7 @@ def config_example(config) -> dict:
   saved = config.get("batch_spec_resolved")
   if not saved:
     return example_batch(fgdata.batch_spec(int(config.model.img_size)))
-  return {k: jnp.zeros([1] + list(shape), dtype) for k, (shape, dtype) in saved.items()}
+  return _as_seen({k: (tuple(shape), dtype) for k, (shape, dtype) in saved.items()})
 
 
 def resolved(config, method, element_spec):

@@ -2,6 +2,7 @@
 
 `make_train_step(config, method, optimizers, phase, base_rng, helper_fns)` returns
 `step_fn(state, batch, helper_inputs) -> (state, metrics)`:
+- the batch's uint8 images are normalised first (`config.data.normalize`), on the device;
 - the rng is `fold_in(key(seed), step)` (and `fold_in(rng, k)` for update k of a phase with
   several), so a resumed run draws the same dropout masks as an uninterrupted one;
 - the method's frozen helpers run first, under `stop_gradient` (`ctx.helpers`);
@@ -20,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fgjax.data import normalize_batch
 from fgjax.methods import base as protocol
-from fgjax.train.setup import collections, metric_name
+from fgjax.train.setup import collections, metric_name, normalize_kind
 
 
 def apply_updates(updates, optimizers, params, opt, extra, batch, rng, step=0, helpers=None):
@@ -55,7 +57,10 @@ def make_train_step(config, method, optimizers, phase: protocol.Phase, base_rng,
   phases = method.phases()
   helper_fns = dict(helper_fns or {})
 
+  normalize = normalize_kind(config)
+
   def step_fn(state, batch, helper_inputs):
+    batch = normalize_batch(batch, normalize)  # uint8 -> float32, fused into the first layer
     step = state["step"]
     rng = jax.random.fold_in(base_rng, step)
     helpers = {name: jax.lax.stop_gradient(fn(helper_inputs[name], batch))

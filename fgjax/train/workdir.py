@@ -7,7 +7,8 @@ keys ending in `_resolved` are what a run derives from its data and are not comp
 - no `config.json` (a new or empty workdir): a fresh run;
 - the same config: a resume;
 - only keys in `RESUMABLE` differ (a longer `total_steps`, other log, eval or checkpoint
-  intervals, worker counts, a moved dataset folder): a resume, each change logged;
+  intervals, worker counts, a moved dataset folder, the decoding backend or draft decoding,
+  which give the same images within one level of uint8): a resume, each change logged;
 - any other key differs, or the data has other class names (another dataset under the same
   name or folder): `WorkdirError` listing the keys (old -> new) and the two ways forward,
   unless `config.resume_with_changes=True`, which resumes with the new config and keeps the old
@@ -37,7 +38,8 @@ log = logging.getLogger("fgjax")
 
 RESUMABLE = ("total_steps", "total_epochs", "total_examples", "log_every_*", "eval_every_*",
              "checkpoint_every_*", "keep_checkpoints", "eval_batch_size", "visualize_examples",
-             "data.worker_count", "data.prefetch", "data.data_dir")
+             "data.worker_count", "data.prefetch", "data.data_dir", "data.backend",
+             "data.draft_decode")
 IGNORED = ("*_resolved", "resume_with_changes")
 _FGJAX_ENTRIES = ("config.json", "checkpoints", "teacher")
 _MAX_LISTED = 12
