@@ -62,15 +62,72 @@ def test_opencv_jpeg_decoding_is_pils_pixel_for_pixel(tmp_path, mode, min_size):
   assert {None: 1, 180: 2, 90: 4, 40: 8}[min_size] == images.draft_factor((803, 401), min_size)
 
 
+_XMP = ('<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/">'
+        '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+        'rdf:about="" xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{}"/>'
+        '</rdf:RDF></x:xmpmeta><?xpacket end="w"?>')
+
+
+@pytest.mark.parametrize("where", ["exif", "xmp"])
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_exif_orientations_are_applied_as_pil_does(tmp_path, orientation):
-  exif = Image.Exif()
-  exif[0x0112] = orientation
-  path = _jpeg(_photo(60, 90), tmp_path / "o.jpg", exif=exif.tobytes())
+def test_exif_orientations_are_applied_as_pil_does(tmp_path, orientation, where):
+  """The orientation in EXIF, or only in XMP (`tiff:Orientation`), as `exif_transpose`."""
+  if where == "exif":
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    kw = {"exif": exif.tobytes()}
+  else:
+    kw = {"xmp": _XMP.format(orientation).encode()}
+  path = _jpeg(_photo(60, 90), tmp_path / "o.jpg", **kw)
   want, want_scale = open_image(path, 30, return_scale=True)
   got, scale = read_image(path, 30, return_scale=True)
+  assert images._cv2_jpeg(path.read_bytes(), 30, True) is not None  # OpenCV decoded it
   np.testing.assert_array_equal(got, np.asarray(want))
   assert scale == want_scale
+  # decoded at half size (60 // 30 = 2), then turned upright for orientations 5-8
+  assert got.shape[:2] == ((45, 30) if orientation >= 5 else (30, 45))
+
+
+def test_camera_mpo_files_and_zero_padding_take_opencv(tmp_path):
+  """An MPO file (a JPEG with more frames after it, as some cameras write) decodes to PIL's
+  first frame; a JPEG padded with zero bytes after its EOI marker still takes OpenCV."""
+  a, b = _photo(40, 60), _photo(40, 60, seed=5)
+  Image.fromarray(a).save(tmp_path / "x.mpo", "MPO", save_all=True,
+                          append_images=[Image.fromarray(b)])
+  padded = _jpeg(a) + b"\x00" * 64
+  (tmp_path / "pad.jpg").write_bytes(padded)
+  for name in ("x.mpo", "pad.jpg"):
+    data = (tmp_path / name).read_bytes()
+    assert images._cv2_jpeg(data, None, True) is not None, name
+    np.testing.assert_array_equal(read_image(tmp_path / name),
+                                  np.asarray(open_image(tmp_path / name)))
+
+
+def test_the_pil_decoder_never_calls_opencv(tmp_path, monkeypatch):
+  """`decoder="pil"` (and the loaders with `backend="pil"`) decode every file with PIL."""
+  path = _jpeg(_photo(60, 90), tmp_path / "x.jpg")
+  want = read_image(path)
+
+  def forbidden(*a, **k):
+    raise AssertionError("OpenCV decoded a file with decoder='pil'")
+  monkeypatch.setattr(images, "_cv2_jpeg", forbidden)
+  np.testing.assert_array_equal(read_image(path, decoder="pil"), want)
+  src = get_source("folder", "train", _folder(tmp_path, path))
+  batch = next(make_train_loader(src, global_batch_size=1, image_size=48, resize_size=64,
+                                 threads=1, backend="pil"))
+  assert batch["image"].shape == (1, 48, 48, 3)
+
+
+def test_an_opencv_that_decodes_otherwise_leaves_jpegs_to_pil(tmp_path, monkeypatch):
+  """The once-per-process check: an OpenCV whose pixels differ from PIL's (here: channels
+  swapped) is not used, with a warning, and decoding still gives PIL's pixels."""
+  path = _jpeg(_photo(60, 90), tmp_path / "x.jpg")
+  real = images._cv2_imdecode
+  monkeypatch.setattr(images, "_cv2_imdecode", lambda d, f: real(d, f)[..., ::-1])
+  monkeypatch.setattr(images, "_cv2_decodes", None)
+  with pytest.warns(UserWarning, match="does not decode JPEGs as PIL does"):
+    assert images._cv2_jpeg(path.read_bytes(), None, True) is None
+  np.testing.assert_array_equal(read_image(path), np.asarray(open_image(path)))
 
 
 def test_other_files_go_to_pil(tmp_path):
@@ -214,9 +271,9 @@ def test_device_normalisation_equals_the_host_table(kind):
 
 
 def test_loader_batches_are_uint8_and_host_normalize_keeps_the_old_contract():
-  src = get_source("synthetic", "train", num_classes=2, num_examples=8, image_size=48)
-  kw = dict(global_batch_size=4, image_size=32, resize_size=40, seed=0, threads=1,
-            sharpness=2.0, normalize="half")
+  src = get_source("synthetic", "train", num_classes=2, num_examples=8, image_size=40)
+  kw = dict(global_batch_size=4, image_size=32, resize_size=48, seed=0, threads=1,
+            sharpness=2.0, normalize="half")  # 40 -> 48: an upsampling, OpenCV's resize
   u8 = next(make_train_loader(src, **kw))
   f32 = next(make_train_loader(src, host_normalize=True, **kw))
   assert u8["image"].dtype == np.uint8 and f32["image"].dtype == np.float32
@@ -322,6 +379,12 @@ def test_a_run_saved_before_the_backend_keys_resumes(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(saved))
   guard = workdir_lib.check(tiny_config.get_config(), str(tmp_path))
   assert guard.kind == "changed" and not guard.backup
+  from fgjax.train import setup  # its model is restored from a float32 example, as before
+  old = setup.load_config(str(tmp_path))
+  assert setup.config_example(old)["image"].dtype == np.float32
+  with old.unlocked():
+    old.batch_spec_resolved = {"image": [[32, 32, 3], "uint8"]}  # a run saved from now on
+  assert setup.config_example(old)["image"].dtype == np.float32
   with cfg.unlocked():
     cfg.data.backend = "pil"
   assert workdir_lib.check(cfg, str(tmp_path)).kind == "changed"

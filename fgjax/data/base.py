@@ -38,10 +38,12 @@ class Source:
   def __len__(self) -> int:
     return len(self.ids)
 
-  def get(self, i: int, min_size: int | None = None) -> tuple[Any, dict]:
+  def get(self, i: int, min_size: int | None = None,
+          decoder: str = "opencv") -> tuple[Any, dict]:
     """(RGB image: a uint8 (H, W, 3) array or a PIL image, record without the image) of
-    example i (0 <= i < len): what the pipeline transforms. `min_size` allows decoding a JPEG at a reduced size whose shorter side
-    stays >= min_size (boxes in the record are scaled to match)."""
+    example i (0 <= i < len): what the pipeline transforms. `min_size` allows decoding a JPEG
+    at a reduced size whose shorter side stays >= min_size (boxes in the record are scaled to
+    match); `decoder` ("opencv" or "pil", `fgjax.data.images.read_image`) decodes files."""
     raise NotImplementedError
 
   def __getitem__(self, i: int) -> dict:
@@ -82,8 +84,8 @@ class SubsetSource(Source):
     self.labels = np.asarray(parent.labels)[self.indices]
     self.box_shapes = parent.box_shapes
 
-  def get(self, i, min_size=None):
-    return self.parent.get(int(self.indices[i]), min_size)
+  def get(self, i, min_size=None, decoder="opencv"):
+    return self.parent.get(int(self.indices[i]), min_size, decoder)
 
 
 def split_train_val(source: Source, val_fraction: float, seed: int = 0):

@@ -21,10 +21,14 @@ for a 960-pixel crop decodes at 1500 x 1000, which doubles the train loader's ra
 Two decoders, one result. `read_image` (what the sources and `load_image` use) decodes RGB and
 grayscale JPEGs with OpenCV (libjpeg-turbo, the same library and settings as PIL's: the pixels
 are identical, tested) and every other file with PIL as above; `open_image` always uses PIL and
-returns a PIL image. The OpenCV path reads the header (mode, size, EXIF orientation) with PIL,
-which decodes nothing, and applies the orientation itself. A JPEG that does not end in its EOI
-marker (a truncated file, which libjpeg may fill with grey rows) goes to PIL, which raises
-`BadImageError` for it.
+returns a PIL image. The OpenCV path reads the header (mode, size, EXIF or XMP orientation)
+with PIL, which decodes nothing, and applies the orientation itself. A JPEG that does not end
+in its EOI marker (a truncated file, which libjpeg may fill with grey rows; also a file with
+data appended after the image) goes to PIL, which raises `BadImageError` for a truncated one.
+Once per process a small JPEG is decoded both ways; an OpenCV that disagrees with PIL leaves
+every file to PIL. One difference remains: for a JPEG with corrupt entropy data (that PIL and
+OpenCV decode to the same pixels), libjpeg in OpenCV prints a "Corrupt JPEG data" line to
+stderr, where PIL is silent.
 """
 from __future__ import annotations
 
@@ -136,6 +140,7 @@ def draft_factor(size, min_size: int | None) -> int:
 
 
 _cv2 = None
+_cv2_decodes = None
 
 
 def opencv():
@@ -153,6 +158,46 @@ def opencv():
   return _cv2 or None
 
 
+def _opencv_decodes_as_pil() -> bool:
+  """Whether this OpenCV decodes JPEGs to PIL's pixels (checked once per process on a small
+  image, at full and half scale; an OpenCV that differs, e.g. in its channel order, leaves
+  every JPEG to PIL)."""
+  global _cv2_decodes
+  if _cv2_decodes is None:
+    _cv2_decodes = False
+    if opencv() is not None:
+      y, x = np.mgrid[0:24, 0:40]
+      arr = np.stack([x * 6, y * 10, (x * y) % 256], -1).astype(np.uint8)
+      buf = io.BytesIO()
+      Image.fromarray(arr).save(buf, "JPEG", quality=90)
+      data = buf.getvalue()
+      try:
+        _cv2_decodes = all(_check_factor(data, f) for f in (1, 2))
+      except Exception:  # noqa: BLE001 - any failure means: do not use it
+        _cv2_decodes = False
+      if not _cv2_decodes:
+        warnings.warn(f"OpenCV {_cv2.__version__} does not decode JPEGs as PIL does here; "
+                      f"fgjax decodes them with PIL (slower)", stacklevel=2)
+  return _cv2_decodes
+
+
+def _check_factor(data, factor):
+  got = _cv2_imdecode(data, factor)
+  with Image.open(io.BytesIO(data)) as im:
+    if factor > 1:
+      im.draft("RGB", (im.size[0] // factor, im.size[1] // factor))
+    want = np.asarray(im.convert("RGB"))
+  return got is not None and got.shape == want.shape and np.array_equal(got, want)
+
+
+def _cv2_imdecode(data: bytes, factor: int):
+  cv2 = _cv2
+  reduced = {1: 0, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+             8: cv2.IMREAD_REDUCED_COLOR_8}[factor] & ~cv2.IMREAD_COLOR
+  return cv2.imdecode(np.frombuffer(data, np.uint8),
+                      reduced | cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+
+
 # EXIF orientation -> the array transform `ImageOps.exif_transpose` applies.
 _ORIENT = {
     2: lambda a: a[:, ::-1],
@@ -166,24 +211,21 @@ _ORIENT = {
 
 
 def _cv2_jpeg(data: bytes, min_size, draft: bool):
-  """(RGB uint8 array, scale) of a baseline RGB/grayscale JPEG through OpenCV, or None when the
-  file is something else (PIL then decodes it)."""
-  cv2 = opencv()
-  if cv2 is None or not data.startswith(b"\xff\xd8\xff") or not data.endswith(b"\xff\xd9"):
+  """(RGB uint8 array, scale) of an RGB/grayscale JPEG (or an MPO camera file's first frame)
+  through OpenCV, or None when the file is something else (PIL then decodes it)."""
+  if (not data.startswith(b"\xff\xd8\xff") or not data.rstrip(b"\x00").endswith(b"\xff\xd9")
+      or not _opencv_decodes_as_pil()):
     return None
   try:
     with Image.open(io.BytesIO(data)) as im:
-      if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+      if im.format not in ("JPEG", "MPO") or im.mode not in ("RGB", "L"):
         return None
       size = im.size
-      orientation = im.getexif().get(0x0112, 1) if "exif" in im.info else 1
+      orientation = im.getexif().get(0x0112, 1)  # EXIF, or XMP's tiff:Orientation
   except Exception:  # noqa: BLE001 - PIL decides what is an error (it raises BadImageError)
     return None
   factor = draft_factor(size, min_size) if draft else 1
-  reduced = {1: 0, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-             8: cv2.IMREAD_REDUCED_COLOR_8}[factor] & ~cv2.IMREAD_COLOR
-  arr = cv2.imdecode(np.frombuffer(data, np.uint8),
-                     reduced | cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+  arr = _cv2_imdecode(data, factor)
   want = (-(-size[1] // factor), -(-size[0] // factor))
   if arr is None or arr.shape != want + (3,):
     return None
@@ -194,11 +236,12 @@ def _cv2_jpeg(data: bytes, min_size, draft: bool):
 
 
 def read_image(path, min_size: int | None = None, return_scale: bool = False,
-               name: str | None = None, draft: bool = True):
-  """Decodes `path` (a path or a binary file object) to an (H, W, 3) uint8 RGB array: OpenCV
-  for RGB and grayscale JPEGs, PIL for the rest (module docstring); `name` is how errors refer
-  to it. `draft=False` decodes JPEGs at full size whatever `min_size`. With `return_scale`,
-  returns (array, scale), scale = decoded size / stored size."""
+               name: str | None = None, draft: bool = True, decoder: str = "opencv"):
+  """Decodes `path` (a path or a binary file object) to an (H, W, 3) uint8 RGB array: with
+  `decoder="opencv"`, OpenCV for RGB and grayscale JPEGs and PIL for the rest; with "pil",
+  PIL for all (module docstring). `name` is how errors refer to it. `draft=False` decodes
+  JPEGs at full size whatever `min_size`. With `return_scale`, returns (array, scale), scale =
+  decoded size / stored size."""
   if isinstance(path, (str, os.PathLike)):
     path = os.fspath(path)
     label = name or path
@@ -207,7 +250,7 @@ def read_image(path, min_size: int | None = None, return_scale: bool = False,
   else:
     label = name or getattr(path, "name", "<image bytes>")
     data = path.read()
-  fast = _cv2_jpeg(data, min_size, draft)
+  fast = _cv2_jpeg(data, min_size, draft) if decoder == "opencv" else None
   if fast is None:
     img, scale = _decode(io.BytesIO(data), label, min_size if draft else None, True)
     fast = np.asarray(img, dtype=np.uint8), scale

@@ -115,10 +115,10 @@ class FileSource(Source):
       warnings.warn(msg, stacklevel=3)
       self._keep(ok)
 
-  def get(self, i, min_size=None):
+  def get(self, i, min_size=None, decoder="opencv"):
     path = self.files[i]
     try:
-      img, scale = read_image(path, min_size, return_scale=True)
+      img, scale = read_image(path, min_size, return_scale=True, decoder=decoder)
     except FileNotFoundError:
       raise BadImageError(f"image file missing: {path} (example id {int(self.ids[i])})") \
           from None

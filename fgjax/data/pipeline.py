@@ -32,9 +32,11 @@ Batches are dicts of numpy arrays (L = global_batch_size / process count):
 A loader's `element_spec` gives the fields of its global batch as ShapeDtypeStructs
 (`batch_spec`), and `normalize` the normalisation its images are meant for.
 
-Decoding and transforms: `backend` "opencv" (default) or "pil" (`fgjax.data.transforms`:
-the same crops within one level of uint8); `draft=True` decodes JPEGs at the smallest DCT
-scale whose shorter side is still >= resize_size (`fgjax.data.images`).
+Decoding and transforms: `backend` "opencv" (default) or "pil" decodes the files
+(`fgjax.data.images.read_image`: the same pixels) and runs the transforms
+(`fgjax.data.transforms`: each op within one level of uint8 of PIL's); `draft=True` decodes
+JPEGs at the smallest DCT scale whose shorter side is still >= resize_size, an image close to
+the full decode's resize, not equal to it (`fgjax.data.images`).
 Text and file names stay out of batches. `to_global_batch` assembles global `jax.Array`s with
 `jax.make_array_from_process_local_data`.
 """
@@ -175,7 +177,8 @@ class TrainBatch(_BatchBuilder):
     for k in range(local):
       q = int(b) * self.global_batch_size + self.shard_index + k * self.shard_count
       rng = np.random.default_rng((self.seed, _AUGMENT_STREAM, q))
-      img, rec = self.source.get(int(self.index[q]), min_size=self.min_size)
+      img, rec = self.source.get(int(self.index[q]), min_size=self.min_size,
+                                 decoder=self.backend)
       u8, boxes = transforms.train_crop(img, rng, image_size=self.image_size,
                                         resize_size=self.resize_size,
                                         resize_mode=self.resize_mode,
@@ -196,7 +199,8 @@ class EvalBatch(_BatchBuilder):
     out["mask"] = np.empty(len(positions), bool)
     for k, position in enumerate(positions):
       real = int(position) < len(self.source)
-      img, rec = self.source.get(int(position) if real else 0, min_size=self.min_size)
+      img, rec = self.source.get(int(position) if real else 0, min_size=self.min_size,
+                                 decoder=self.backend)
       u8, boxes = transforms.eval_crop(img, image_size=self.image_size,
                                        resize_size=self.resize_size,
                                        resize_mode=self.resize_mode,

@@ -399,7 +399,7 @@ class SyntheticSource(Source):
     return {"image": image, "label": label, "id": int(self.ids[i]), "object_box": obj,
             "part_boxes": parts, "text": text}
 
-  def get(self, i, min_size=None):
+  def get(self, i, min_size=None, decoder="opencv"):
     ex = self.example(int(i))
     return ex.pop("image"), ex
 

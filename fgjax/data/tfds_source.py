@@ -98,12 +98,12 @@ class TfdsSource(Source):
     except BadImageError:
       return False
 
-  def _image(self, j, min_size=None):
+  def _image(self, j, min_size=None, decoder="opencv"):
     value = self._ds[int(j)][self.image_key]
     if self._encoded:
       data = value if isinstance(value, bytes) else np.asarray(value).item()
       try:
-        return read_image(io.BytesIO(data), min_size,
+        return read_image(io.BytesIO(data), min_size, decoder=decoder,
                           name=f"{self.name}/{self.split} record {j}")
       except FileNotFoundError:
         raise BadImageError(f"{self.name}/{self.split} record {j}: empty image") from None
@@ -118,7 +118,7 @@ class TfdsSource(Source):
     img = img[..., :3] if img.shape[-1] >= 3 else np.repeat(img[..., :1], 3, -1)
     return np.ascontiguousarray(img)
 
-  def get(self, i, min_size=None):
+  def get(self, i, min_size=None, decoder="opencv"):
     j = int(self._index[i])
-    img = self._image(j, min_size)
+    img = self._image(j, min_size, decoder)
     return img, {"label": int(self.labels[i]), "id": int(self.ids[i])}

@@ -108,9 +108,9 @@ def load_images(config, paths) -> np.ndarray:
   kw = pipeline_kwargs(config, train=False)
   for k in ("worker_count", "prefetch", "normalize"):
     kw.pop(k)
-  draft = kw.pop("draft")
+  min_size = kw["resize_size"] if kw.pop("draft") else None
   return np.stack([fgdata.transforms.eval_crop(
-      fgdata.load_image(p, kw["resize_size"] if draft else None), **kw)[0] for p in paths])
+      fgdata.read_image(p, min_size, decoder=kw["backend"]), **kw)[0] for p in paths])
 
 
 def predict_images(config, method, variables, paths, mesh, batch_size: int | None = None):

@@ -8,7 +8,8 @@ keys ending in `_resolved` are what a run derives from its data and are not comp
 - the same config: a resume;
 - only keys in `RESUMABLE` differ (a longer `total_steps`, other log, eval or checkpoint
   intervals, worker counts, a moved dataset folder, the decoding backend or draft decoding,
-  which give the same images within one level of uint8): a resume, each change logged;
+  which change images by a few levels of uint8, not what they show): a resume, each change
+  logged;
 - any other key differs, or the data has other class names (another dataset under the same
   name or folder): `WorkdirError` listing the keys (old -> new) and the two ways forward,
   unless `config.resume_with_changes=True`, which resumes with the new config and keeps the old
