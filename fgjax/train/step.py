@@ -60,7 +60,7 @@ def make_train_step(config, method, optimizers, phase: protocol.Phase, base_rng,
   normalize = normalize_kind(config)
 
   def step_fn(state, batch, helper_inputs):
-    batch = normalize_batch(batch, normalize)  # uint8 -> float32, fused into the first layer
+    batch = normalize_batch(batch, normalize)  # uint8 -> float32, on the device
     step = state["step"]
     rng = jax.random.fold_in(base_rng, step)
     helpers = {name: jax.lax.stop_gradient(fn(helper_inputs[name], batch))
