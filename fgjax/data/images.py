@@ -90,23 +90,27 @@ def open_image(path, min_size: int | None = None, return_scale: bool = False,
   With `return_scale`, returns (image, scale), scale = decoded size / stored size (< 1 when
   draft mode decoded a reduced image), for mapping annotation boxes.
   """
+  data, label = _read(path, name)
+  return _decode(io.BytesIO(data), label, min_size, return_scale)
+
+
+def _read(path, name):
+  """(the bytes of `path` (a path or a binary file object), the name errors use for it)."""
   if isinstance(path, (str, os.PathLike)):
     path = os.fspath(path)
-    label = name or path
-    with open(path, "rb") as f:  # closed on every path out, errors included
-      return _decode(f, label, min_size, return_scale)
-  label = name or getattr(path, "name", "<image bytes>")
-  return _decode(path, label, min_size, return_scale)
+    with open(path, "rb") as f:
+      return f.read(), name or path
+  return path.read(), name or getattr(path, "name", "<image bytes>")
 
 
 def _decode(fileobj, label, min_size, return_scale):
   try:
     with Image.open(fileobj) as im:
       full_w, full_h = im.size
-      if min_size and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK"):
-        scale = min(full_w, full_h) / float(min_size)
-        if scale >= 2:
-          im.draft(im.mode, (int(np.ceil(full_w / scale)), int(np.ceil(full_h / scale))))
+      if im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK"):
+        factor = draft_factor(im.size, min_size)
+        if factor > 1:  # PIL picks `factor` for this request (w // (w // f) is in [f, 2f))
+          im.draft(im.mode, (full_w // factor, full_h // factor))
       im.load()
       scale = im.size[0] / full_w
       out = _to_rgb(ImageOps.exif_transpose(im))
@@ -242,14 +246,7 @@ def read_image(path, min_size: int | None = None, return_scale: bool = False,
   PIL for all (module docstring). `name` is how errors refer to it. `draft=False` decodes
   JPEGs at full size whatever `min_size`. With `return_scale`, returns (array, scale), scale =
   decoded size / stored size."""
-  if isinstance(path, (str, os.PathLike)):
-    path = os.fspath(path)
-    label = name or path
-    with open(path, "rb") as f:
-      data = f.read()
-  else:
-    label = name or getattr(path, "name", "<image bytes>")
-    data = path.read()
+  data, label = _read(path, name)
   fast = _cv2_jpeg(data, min_size, draft) if decoder == "opencv" else None
   if fast is None:
     img, scale = _decode(io.BytesIO(data), label, min_size if draft else None, True)

@@ -411,6 +411,40 @@ def _crop(img, resize_size, image_size, offset, mode, interpolation, backend):
   return np.asarray(crop, np.uint8), geom
 
 
+def _flip(img, backend):
+  if backend == "opencv":
+    return opencv().flip(np.ascontiguousarray(img), 1)
+  return np.ascontiguousarray(img[:, ::-1])  # PIL's FLIP_LEFT_RIGHT, exactly
+
+
+def _on_pil(op, img, *args):
+  """`op` (a PIL op) on a uint8 array -> uint8 array."""
+  return np.asarray(op(Image.fromarray(np.ascontiguousarray(img)), *args), np.uint8)
+
+
+def _sharpen(img, factor, backend):
+  if backend == "opencv":
+    return adjust_sharpness(img, factor)
+  return _on_pil(lambda im: ImageEnhance.Sharpness(im).enhance(factor), img)
+
+
+def _jitter(img, rng, strengths, backend):
+  if backend == "opencv":
+    return _jitter_array(np.ascontiguousarray(img), rng, strengths)
+  return _on_pil(jitter_colours, img, rng, strengths)
+
+
+def _auto_rand_augment(img, rng, autoaugment, ops, magnitude):
+  """AutoAugment then RandAugment, on PIL in both backends."""
+  def run(pil):
+    if autoaugment:
+      pil = autoaugment_imagenet(pil, rng)
+    if ops:
+      pil = randaugment(pil, rng, ops, magnitude)
+    return pil
+  return _on_pil(run, img)
+
+
 def train_crop(img, rng: np.random.Generator, *, image_size: int, resize_size: int,
                resize_mode: str = "shorter", flip: bool = True, sharpness: float = 0.0,
                sharpness_p: float = 0.5, randaugment_ops: int = 0,
@@ -418,15 +452,9 @@ def train_crop(img, rng: np.random.Generator, *, image_size: int, resize_size: i
                boxes: dict | None = None, interpolation: str = "bilinear",
                color_jitter=(), backend: str = "opencv"):
   """The train augmentation (module docstring) -> (uint8 (S, S, 3) crop, transformed boxes).
-  `img` is a uint8 (H, W, 3) array or a PIL image; both backends draw the same random
-  numbers, so they make the same crop, flip and factors."""
-  if backend == "pil":
-    return _train_crop_pil(img, rng, image_size=image_size, resize_size=resize_size,
-                           resize_mode=resize_mode, flip=flip, sharpness=sharpness,
-                           sharpness_p=sharpness_p, randaugment_ops=randaugment_ops,
-                           randaugment_magnitude=randaugment_magnitude,
-                           autoaugment=autoaugment, boxes=boxes, interpolation=interpolation,
-                           color_jitter=color_jitter)
+  `img` is a uint8 (H, W, 3) array or a PIL image. The backends share this flow and differ
+  only in the ops (`_crop`, `_flip`, `_sharpen`, `_jitter`), so they draw the same random
+  numbers and make the same crop, flip and factors."""
   check_backend(backend)
   w, h = _size_of(img)
   rw, rh = resized_size(w, h, resize_size, resize_mode)
@@ -436,48 +464,15 @@ def train_crop(img, rng: np.random.Generator, *, image_size: int, resize_size: i
                      backend)
   do_flip = bool(flip) and rng.random() < 0.5
   if do_flip:
-    crop = opencv().flip(np.ascontiguousarray(crop), 1)
+    crop = _flip(crop, backend)
   if sharpness and rng.random() < sharpness_p:
-    crop = adjust_sharpness(crop, float(sharpness))
+    crop = _sharpen(crop, float(sharpness), backend)
   if any(color_jitter):
-    crop = _jitter_array(np.ascontiguousarray(crop), rng, color_jitter)
+    crop = _jitter(crop, rng, color_jitter, backend)
   if autoaugment or randaugment_ops:
-    pil = Image.fromarray(np.ascontiguousarray(crop))
-    if autoaugment:
-      pil = autoaugment_imagenet(pil, rng)
-    if randaugment_ops:
-      pil = randaugment(pil, rng, randaugment_ops, randaugment_magnitude)
-    crop = np.asarray(pil, np.uint8)
+    crop = _auto_rand_augment(crop, rng, autoaugment, randaugment_ops, randaugment_magnitude)
   out_boxes = {k: transform_boxes(v, geom, image_size, do_flip) for k, v in (boxes or {}).items()}
   return crop, out_boxes
-
-
-def _train_crop_pil(img, rng: np.random.Generator, *, image_size: int, resize_size: int,
-                    resize_mode: str = "shorter", flip: bool = True, sharpness: float = 0.0,
-                    sharpness_p: float = 0.5, randaugment_ops: int = 0,
-                    randaugment_magnitude: float = 9.0, autoaugment: bool = False,
-                    boxes: dict | None = None, interpolation: str = "bilinear",
-                    color_jitter=()):
-  """`train_crop` with every op on PIL."""
-  img = _as_pil(img)
-  w, h = img.size
-  rw, rh = resized_size(w, h, resize_size, resize_mode)
-  ox = int(rng.integers(0, rw - image_size + 1))
-  oy = int(rng.integers(0, rh - image_size + 1))
-  crop, geom = resized_crop(img, resize_size, image_size, (ox, oy), resize_mode, interpolation)
-  do_flip = bool(flip) and rng.random() < 0.5
-  if do_flip:
-    crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-  if sharpness and rng.random() < sharpness_p:
-    crop = ImageEnhance.Sharpness(crop).enhance(float(sharpness))
-  if any(color_jitter):
-    crop = jitter_colours(crop, rng, color_jitter)
-  if autoaugment:
-    crop = autoaugment_imagenet(crop, rng)
-  if randaugment_ops:
-    crop = randaugment(crop, rng, randaugment_ops, randaugment_magnitude)
-  out_boxes = {k: transform_boxes(v, geom, image_size, do_flip) for k, v in (boxes or {}).items()}
-  return np.asarray(crop, np.uint8), out_boxes
 
 
 def eval_crop(img, *, image_size: int, resize_size: int, resize_mode: str = "shorter",

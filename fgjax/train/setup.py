@@ -111,7 +111,7 @@ def pipeline_kwargs(config, train: bool) -> dict:
   dcfg = config.data
   kw = dict(image_size=int(config.model.img_size),
             resize_size=int(dcfg.get("resize_size", config.model.img_size)),
-            normalize=dcfg.get("normalize", "imagenet"),
+            normalize=normalize_kind(config),
             resize_mode=dcfg.get("resize_mode", "shorter"),
             interpolation=dcfg.get("interpolation", "bilinear"),
             backend=dcfg.get("backend", "opencv"),
