@@ -12,11 +12,16 @@ models (abstract shapes only), so ViT-L/16 at 448 is measured on a laptop.
 The numbers come from the backend the script runs on: on a GPU they are what XLA:GPU will
 allocate (plus the runtime's own reserve); on the CPU backend they estimate it (XLA:CPU fuses
 and schedules differently). `--remat` rows use `remat=True` (every ViT block recomputed in the
-backward pass); ResNet-based models have no remat option.
+backward pass); ResNet-based models have no remat option. `--attention` names the ViT
+attention paths to compare (`fgjax.models.attention`): "materialized" keeps every block's
+(B, heads, T, T) probabilities for the backward pass (fgjax before 2026-12-02), "auto" is the
+default memory-efficient path (chunked with a recomputing VJP on the CPU, cuDNN flash attention
+in bf16 on a GPU) with the rollout streamed from q and k.
 
 Usage (repository root):
   PYTHONPATH=. python benchmarks/memory.py                       # all models, float32
   PYTHONPATH=. python benchmarks/memory.py --models trs_b448 --dtype bfloat16
+  PYTHONPATH=. python benchmarks/memory.py --models transfg_l448 --attention auto --no-remat
 """
 from __future__ import annotations
 
@@ -50,7 +55,15 @@ def parse_args(argv=None):
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--batches", default="2,4", help="the two per-device batches to fit")
   p.add_argument("--device-gib", default="16,80")
+  p.add_argument("--attention", default="materialized,auto",
+                 help="ViT attention implementations to compare (attention_impl)")
+  p.add_argument("--no-remat", action="store_true", help="skip the remat rows")
   a = p.parse_args(argv)
+  a.attention_impls = [x for x in a.attention.split(",") if x]
+  known = ("auto", "chunked", "materialized", "cudnn", "tpu_flash")  # fgjax.models.attention
+  for impl in a.attention_impls:
+    if impl not in known:  # (checked here: importing fgjax would import jax before threads)
+      p.error(f"unknown --attention {impl!r}; choose from {', '.join(known)}")
   a.model_keys = [m for m in a.models.split(",") if m]
   for m in a.model_keys:
     if m not in MODELS:
@@ -62,7 +75,7 @@ def parse_args(argv=None):
   return a
 
 
-def step_bytes(key: str, batch: int, remat: bool, dtype) -> dict:
+def step_bytes(key: str, batch: int, remat: bool, dtype, attention_impl: str = "auto") -> dict:
   """Compiles the train step for `batch` (abstract inputs) and returns XLA's memory analysis."""
   import jax
   import jax.numpy as jnp
@@ -71,6 +84,7 @@ def step_bytes(key: str, batch: int, remat: bool, dtype) -> dict:
   kwargs = {"remat": True} if remat else {}
   if is_vit:  # the accelerator's graph: one chain (two are the CPU default, fgjax.models.vit)
     kwargs["batch_chains"] = 1
+    kwargs["attention_impl"] = attention_impl
   model, tx, step = make_fgjax_step(name, kind, img, dtype, kwargs)
   image = jax.ShapeDtypeStruct((batch, img, img, 3), jnp.float32)
   variables = dict(jax.eval_shape(model.init, jax.random.key(0),
@@ -103,20 +117,23 @@ def main(argv=None):
   rows = []
   b1, b2 = args.batch_pair
   for key in args.model_keys:
-    label, _, _, img, can_remat = MODELS[key]
-    for remat in ((False, True) if can_remat else (False,)):
-      print(f"[{label} @ {img}{' remat' if remat else ''}] ...", end="", flush=True)
-      m1 = step_bytes(key, b1, remat, dtype)
-      m2 = step_bytes(key, b2, remat, dtype)
-      per_image = max((m2["total"] - m1["total"]) / (b2 - b1), 1.0)
-      fixed = m1["total"] - per_image * b1
-      fits = [max(int((g * GIB - fixed) // per_image), 0) for g in args.gib]
-      print(" done", flush=True)
-      rows.append([label, img, "yes" if remat else "no", f"{m1['state'] / GIB:.2f}",
-                   f"{per_image / 2 ** 20:.0f}", *[str(f) for f in fits]])
+    label, _, _, img, is_vit = MODELS[key]
+    remats = (False,) if not is_vit or args.no_remat else (False, True)
+    for impl in (args.attention_impls if is_vit else ["-"]):
+      for remat in remats:
+        print(f"[{label} @ {img} attention {impl}{' remat' if remat else ''}] ...", end="",
+              flush=True)
+        m1 = step_bytes(key, b1, remat, dtype, impl)
+        m2 = step_bytes(key, b2, remat, dtype, impl)
+        per_image = max((m2["total"] - m1["total"]) / (b2 - b1), 1.0)
+        fixed = m1["total"] - per_image * b1
+        fits = [max(int((g * GIB - fixed) // per_image), 0) for g in args.gib]
+        print(" done", flush=True)
+        rows.append([label, img, impl, "yes" if remat else "no", f"{m1['state'] / GIB:.2f}",
+                     f"{per_image / 2 ** 20:.0f}", *[str(f) for f in fits]])
   print()
   print(common.markdown_table(
-      ["model", "img", "remat", "params + AdamW GiB", "MiB per image",
+      ["model", "img", "attention", "remat", "params + AdamW GiB", "MiB per image",
        *[f"max batch @ {g:g} GiB" for g in args.gib]], rows))
   print("\nmax batch = (device memory - fixed) / per-image bytes, both fitted from the compiled "
         "step; data parallel (each device holds all parameters; `mesh.fsdp` shards them).")

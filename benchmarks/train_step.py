@@ -91,6 +91,10 @@ def parse_args(argv=None):
   p.add_argument("--batch-chains", default="auto",
                  help="ViT models' batch_chains: 'auto' (the model default: 2 on one CPU "
                  "device, else 1) or a count; 1 turns the CPU chains off")
+  p.add_argument("--attention", default="auto",
+                 choices=("auto", "chunked", "materialized", "cudnn", "tpu_flash"),
+                 help="ViT models' attention_impl (fgjax.models.attention): 'auto' keeps no "
+                 "attention probabilities; 'materialized' is the path before 2026-12-02")
   p.add_argument("--host-memory", choices=hostmem.MODES, default="auto",
                  help="glibc malloc keeps XLA:CPU's freed step buffers ('auto': on the CPU, "
                  "as run.py does; applies to both frameworks in the process)")
@@ -158,8 +162,10 @@ def prepare_fgjax(key, images, labels, args):
   label, name, _, img, kind, _, _ = MODELS[key]
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   kw = None
-  if kind in ("deit", "trs", "transfg") and args.batch_chains is not None:
-    kw = {"batch_chains": args.batch_chains}
+  if kind in ("deit", "trs", "transfg"):
+    kw = {"attention_impl": args.attention}
+    if args.batch_chains is not None:
+      kw["batch_chains"] = args.batch_chains
   model, tx, step = make_fgjax_step(name, kind, img, dtype, model_kwargs=kw)
   batch = {"image": jax.device_put(images), "label": jax.device_put(labels)}
   variables = dict(jax.jit(model.init)(jax.random.key(0), batch["image"][:1]))
@@ -387,7 +393,8 @@ def main(argv=None):
             if args.batch_chains is None else args.batch_chains)
   print(f"config:   dtype {args.dtype}, AdamW, {NUM_CLASSES} classes, median of {args.iters} "
         f"after {args.warmup} warm-up steps{' (steps interleaved)' if interleave else ''}, "
-        f"threads {threads.threads}, ViT batch chains {chains}, host memory "
+        f"threads {threads.threads}, ViT batch chains {chains}, ViT attention "
+        f"{args.attention}, host memory "
         f"{'retained' if retained else 'system malloc'}, torch "
         f"{'compiled' if args.compile else 'eager'} on {torch_device or 'skipped'}\n", flush=True)
   rng = np.random.default_rng(0)

@@ -31,7 +31,9 @@ def get_config(arg=None):
   c = common.base_config("transfg")
   c.model.name = f"transfg_{args.variant}_patch16"
   c.model.img_size = 448
-  c.model.kwargs = dict(patch_stride=12, region_selection="cls_row", remat=False)
+  # attention_impl "auto": no attention probabilities kept (fgjax.models.attention).
+  c.model.kwargs = dict(patch_stride=12, region_selection="cls_row", remat=False,
+                        attention_impl="auto")
   c.init_from = ""  # e.g. /weights/ViT-B_16.npz (ImageNet-21k) or a timm ViT checkpoint
   c.data.name = "cub"
   c.data.data_dir = "data/CUB_200_2011"
@@ -57,7 +59,8 @@ def get_config(arg=None):
   if args.runlocal:
     c.model.name = "transfg_tiny_patch16"
     c.model.img_size = 64
-    c.model.kwargs = dict(depth=3, patch_stride=12, region_selection="cls_row", remat=False)
+    c.model.kwargs = dict(depth=3, patch_stride=12, region_selection="cls_row", remat=False,
+                          attention_impl="auto")
     c.data.resize_size = 72
     c.batch_size = 8
     c.eval_batch_size = 8

@@ -23,8 +23,10 @@ def trs_deit_config(arg, *, dataset: str, data_dir: str, lr: float, alpha: float
   c = common.base_config("trs_deit")
   c.model.name = f"trs_deit_{args.variant}_patch16"
   c.model.img_size = 448
+  # remat=True: recompute activations, less memory. attention_impl: "auto" keeps no attention
+  # probabilities (fgjax.models.attention); "materialized" keeps them, as before 2026-12-02.
   c.model.kwargs = dict(drop_path_rate=0.1, region_selection="trs" if args.trs else None,
-                        remat=False)  # remat=True: recompute activations, less memory
+                        remat=False, attention_impl="auto")
   c.init_from = ""  # e.g. /weights/deit_base_distilled_patch16_224-df68dfff.pth
   c.data.name = dataset
   c.data.data_dir = data_dir
@@ -53,7 +55,7 @@ def trs_deit_config(arg, *, dataset: str, data_dir: str, lr: float, alpha: float
     c.model.name = "trs_deit_tiny_patch16"
     c.model.img_size = 64
     c.model.kwargs = dict(depth=2, patch_size=16, region_selection="trs" if args.trs else None,
-                          remat=False)
+                          remat=False, attention_impl="auto")
     c.data.resize_size = 72
     common.quick_run(c)
     c.optim.warmup_epochs = None

@@ -47,13 +47,20 @@ def test_input_pipeline_benchmark_runs():
 
 def test_memory_benchmark_runs():
   out = _script("memory.py", "--models", "trs_ti224", "--batches", "1,2", "--device-gib", "1")
-  rows = [line for line in out.splitlines() if line.startswith("| TRS-DeiT-Ti/16")]
-  assert len(rows) == 2  # without and with remat
-  plain, remat = ([c.strip() for c in r.strip("|").split("|")] for r in rows)
-  assert plain[2] == "no" and remat[2] == "yes"
+  rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+          if line.startswith("| TRS-DeiT-Ti/16")]
+  # Both attention paths, each without and with remat.
+  assert [(r[2], r[3]) for r in rows] == [("materialized", "no"), ("materialized", "yes"),
+                                          ("auto", "no"), ("auto", "yes")]
   # (XLA:CPU does not turn remat into a smaller footprint; docs/benchmarks.md.)
-  for row in (plain, remat):
-    assert float(row[3]) > 0 and float(row[4]) > 0 and int(row[5]) > 0
+  for row in rows:
+    assert float(row[4]) > 0 and float(row[5]) > 0 and int(row[6]) > 0
+  # No probabilities kept: less memory per image than the materialised path.
+  assert float(rows[2][5]) < float(rows[0][5])
+  out = _script("memory.py", "--models", "trs_ti224", "--batches", "1,2", "--device-gib", "1",
+                "--attention", "chunked", "--no-remat")
+  assert [line.split("|")[3].strip() for line in out.splitlines()
+          if line.startswith("| TRS-DeiT-Ti/16")] == ["chunked"]
 
 
 def test_time_interleaved_alternates_and_times_each():

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgjax.models import rollout, vit
+from fgjax.models import vit
 
 
 def part_hits(selected, part_boxes, grid, patch_size, stride):
@@ -52,22 +52,16 @@ class Regions:
     return cls(model)
 
   def selection(self, variables, images):
-    """(logits, scores (B, heads, N), selected (B, heads)) in eval mode."""
-    m = self.model
-    logits, aux = m.apply(variables, images, train=False, return_attention=True)
-    if m.region_selection is not None:
-      return logits, aux["rollout"], aux["selected"]
-    scores = rollout.trs_scores(aux["attention"][:-1], m.num_prefix_tokens)
-    return logits, scores, rollout.select_per_head(scores)
+    """(logits, scores (B, heads, N), selected (B, heads)) in eval mode: the model's own
+    selection, or a plain ViT's TRS score streamed from its blocks' q and k (no attention
+    matrix is formed)."""
+    logits, aux = self.model.apply(variables, images, train=False, return_rollout=True)
+    return logits, aux["rollout"], aux["selected"]
 
   def eval_outputs(self, variables, batch):
     """(logits, {"part_hit", "has_parts", "part_hit_chance"}) for a batch with part boxes."""
     m = self.model
-    if m.region_selection is not None:  # the model's own selection: no attention needed
-      logits, aux = m.apply(variables, batch["image"], train=False)
-      sel = aux["selected"]
-    else:
-      logits, _, sel = self.selection(variables, batch["image"])
+    logits, _, sel = self.selection(variables, batch["image"])
     boxes = batch["part_boxes"]
     hit, has = part_hits(sel, boxes, m.grid, m.patch_size, self.stride)
     n = m.grid[0] * m.grid[1]

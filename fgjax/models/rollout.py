@@ -12,8 +12,20 @@ and columns of R, so fgjax never forms it:
 - columns R e_t: a forward sweep of matrix-vector products   u <- A_l u,  l = 1 .. L-1.
 
 That is O(L K T^2) per token, about 180x fewer FLOPs than the full product at 786 tokens.
-All functions take the attention list in block order (A_1 first) with shapes (B, K, T, T) and
-work under `jax.jit`; the callers apply `stop_gradient` (selection is not differentiated).
+The `*_scores`, `rollout_rows`/`rollout_cols` functions take the attention list in block order
+(A_1 first) with shapes (B, K, T, T); the callers apply `stop_gradient` (selection is not
+differentiated).
+
+The models never hold those matrices (`fgjax.models.attention`): `streamed_rows`,
+`streamed_cols` and the `*_scores_from_qk` functions run the same sweeps from each block's
+(scaled) queries and keys, head-major (K, B, T, head_dim), forming one block of query rows of
+A_l at a time (`attention.probs_block`, the definition the attention itself uses):
+
+- a row sweep step v A_l = sum_i v_i A_l[i, :] sums over blocks of query rows i;
+- a column sweep step A_l u is attention with the value u: each block of rows on its own.
+
+Each step costs one more q k^T product and softmax per block (the attention's own were
+dropped); memory stays at one block of rows, (K, B, rows, T).
 
 There is no `einops` here: the sweeps are einsums and index gathers, with no reshape/transpose
 chains that a rearrangement pattern would make clearer.
@@ -24,6 +36,8 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+
+from fgjax.models import attention
 
 
 def rollout_rows(attentions: Sequence[jax.Array], tokens: Sequence[int]) -> jax.Array:
@@ -66,6 +80,50 @@ def trs_scores(attentions: Sequence[jax.Array], num_prefix: int = 2) -> jax.Arra
 def cls_row_scores(attentions: Sequence[jax.Array], num_prefix: int = 1) -> jax.Array:
   """TransFG's part score: the cls row of the rollout over the patches, (B, K, N)."""
   return rollout_rows(attentions, [0])[:, :, 0, num_prefix:]
+
+
+def streamed_rows(qks: Sequence[tuple], tokens: Sequence[int],
+                  chunk: int | None = None) -> jax.Array:
+  """`rollout_rows` from the blocks' (q, k) pairs in block order: (B, K, len(tokens), T)."""
+  q, k = qks[-1]
+  v = attention.probs_block(q[:, :, jnp.asarray(tokens)], k)   # e_t^T A_{L-1}: (K, B, P, T)
+  for q, k in reversed(qks[:-1]):                            # v <- v A_l
+    def block(qb, vb, k=k):  # vb (K, B, rows, P): v's entries for these query rows
+      return jnp.einsum("hbip,hbiu->hbpu", vb, attention.probs_block(qb, k)), None
+    v, _ = attention.sum_over_query_blocks(
+        block, attention.block_rows(q.shape[2], chunk), jnp.zeros(v.shape, jnp.float32), q,
+        jnp.swapaxes(v, 2, 3))
+  return jnp.transpose(v, (1, 0, 2, 3))
+
+
+def streamed_cols(qks: Sequence[tuple], tokens: Sequence[int],
+                  chunk: int | None = None) -> jax.Array:
+  """`rollout_cols` from the blocks' (q, k) pairs in block order: (B, K, T, len(tokens))."""
+  q, k = qks[0]
+  rows = attention.block_rows(q.shape[2], chunk)
+  idx = jnp.asarray(tokens)
+  u = attention.over_query_blocks(                           # A_1 e_t: (K, B, T, P)
+      lambda qb: attention.probs_block(qb, k)[..., idx], rows, q)
+  for q, k in qks[1:]:                                       # u <- A_l u
+    u = attention.over_query_blocks(
+        lambda qb, k=k, u=u: jnp.einsum("hbqk,hbkp->hbqp", attention.probs_block(qb, k), u),
+        rows, q)
+  return jnp.transpose(u, (1, 0, 2, 3))
+
+
+def trs_scores_from_qk(qks: Sequence[tuple], num_prefix: int = 2,
+                       chunk: int | None = None) -> jax.Array:
+  """`trs_scores` from the blocks' (q, k) pairs, no attention matrix held: (B, K, N)."""
+  prefix = list(range(num_prefix))
+  rows = streamed_rows(qks, prefix, chunk)[..., num_prefix:]
+  cols = streamed_cols(qks, prefix, chunk)[:, :, num_prefix:, :]
+  return jnp.prod(rows, axis=2) * jnp.prod(cols, axis=3)
+
+
+def cls_row_scores_from_qk(qks: Sequence[tuple], num_prefix: int = 1,
+                           chunk: int | None = None) -> jax.Array:
+  """`cls_row_scores` from the blocks' (q, k) pairs, no attention matrix held: (B, K, N)."""
+  return streamed_rows(qks, [0], chunk)[:, :, 0, num_prefix:]
 
 
 def select_per_head(scores: jax.Array) -> jax.Array:

@@ -12,7 +12,12 @@ checkpoints import with exact logits parity (see `fgjax.convert`):
   -> residual; dropout and stochastic depth (drop-path) are active only under `train=True`;
 - final LayerNorm, `head` on the cls token and `head_dist` on the dist token.
 
-`__call__(images, train=False, return_attention=False)` returns `(logits, aux)`:
+Attention runs on a memory-efficient path (`fgjax.models.attention`): no block keeps its
+(B, heads, T, T) probabilities for the backward pass, and the region selection sweeps the
+rollout from the blocks' queries and keys (`fgjax.models.rollout.*_from_qk`).
+
+`__call__(images, train=False, return_attention=False, return_rollout=False)` returns
+`(logits, aux)`:
   logits: (B, num_classes). For a distilled model this is `(cls_logits + dist_logits) / 2`
     in train and eval mode alike (timm's inference output); the per-token logits, which the
     training losses need, are in `aux`.
@@ -25,7 +30,9 @@ checkpoints import with exact logits parity (see `fgjax.convert`):
   aux["selected"], aux["rollout"] (with `region_selection`): (B, heads) selected patch
     indices, 0-based over patches, and the (B, heads, N) rollout scores they maximise. The last
     block then sees only `[prefix tokens, selected patches]`, so its attention entry is
-    (B, heads, prefix + heads, prefix + heads).
+    (B, heads, prefix + heads, prefix + heads). With `return_rollout` a plain ViT/DeiT
+    reports the same two entries for the TRS score over its blocks before the last, its
+    forward pass unchanged.
 
 Parameter names (what checkpoints depend on; `tests/test_vit.py` pins them):
   patch_embed/{kernel,bias}, cls_token, dist_token, pos_embed,
@@ -55,7 +62,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from fgjax.models import rollout
+from fgjax.models import attention, rollout
 
 Dtype = Any
 
@@ -139,70 +146,77 @@ class _QKV(nn.Module):
 
 
 class _Proj(nn.Module):
-  """The output projection, timm's `proj` Linear (kernel (D, D), bias (D,)), reading either the
-  head-major layout (heads, B, T, head_dim) or (B, T, heads, head_dim); returns (B, T, D)."""
-  head_major: bool = True
+  """The output projection, timm's `proj` Linear (kernel (D, D), bias (D,)), reading the
+  head-major layout (heads, B, T, head_dim); returns (B, T, D)."""
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    if self.head_major:
-      h, b, t, hd = x.shape
-    else:
-      b, t, h, hd = x.shape
+    h, b, t, hd = x.shape
     d = h * hd
     kernel = self.param("kernel", _dense_init, (d, d), self.param_dtype).astype(self.dtype)
     bias = self.param("bias", _zeros, (d,), self.param_dtype).astype(self.dtype)
-    if self.head_major:
-      out = jnp.einsum("hnk,hkd->nd",
-                       rearrange(x, "h b t hd -> h (b t) hd").astype(self.dtype),
-                       rearrange(kernel, "(h hd) d -> h hd d", h=h))
-    else:
-      out = rearrange(x, "b t h hd -> (b t) (h hd)").astype(self.dtype) @ kernel
+    out = jnp.einsum("hnk,hkd->nd",
+                     rearrange(x, "h b t hd -> h (b t) hd").astype(self.dtype),
+                     rearrange(kernel, "(h hd) d -> h hd d", h=h))
     return rearrange(out + bias, "(b t) d -> b t d", b=b)
 
 
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (timm `Attention`).
 
-  Returns `(out, probs)`; `probs` (B, heads, T, T, float32) is None unless
-  `return_attention`. Parameters `qkv/{kernel,bias}` and `proj/{kernel,bias}` have the shapes
-  of timm's Linear layers (transposed kernels), so checkpoints convert by renaming.
+  Returns `(out, probs, qk)`. The attention runs on a memory-efficient path that keeps no
+  (B, heads, T, T) array (`fgjax.models.attention`: chunked with a recomputing VJP on the
+  CPU, cuDNN flash attention on a GPU in bf16, the Pallas flash kernel on a TPU; chosen by
+  `implementation`, "auto" by default). The probabilities are formed and kept only for
+  `return_attention` (then `probs` is (B, heads, T, T) float32, else None), for attention
+  dropout in training, or with `implementation="materialized"`. `qk` (with `return_qk`) is
+  the scaled queries and keys (heads, B, T, head_dim) under stop-gradient, what the streamed
+  rollout reads (`fgjax.models.rollout.*_from_qk`); else None.
+
+  Parameters `qkv/{kernel,bias}` and `proj/{kernel,bias}` have the shapes of timm's Linear
+  layers (transposed kernels), so checkpoints convert by renaming.
   """
   num_heads: int
   attn_drop_rate: float = 0.0
   proj_drop_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  implementation: str = "auto"
+  chunk: Optional[int] = None
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False, return_attention: bool = False):
+  def __call__(self, x, *, train: bool = False, return_attention: bool = False,
+               return_qk: bool = False):
     b, t, d = x.shape
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
-    head_dim = d // self.num_heads
+    scale = (d // self.num_heads) ** -0.5
     q, k, v = _QKV(self.num_heads, self.dtype, self.param_dtype, name="qkv")(x)
+    impl = attention.resolve(self.implementation, self.dtype)
     probs = None
-    use_probs = return_attention or (train and self.attn_drop_rate > 0)
-    if not use_probs and jax.default_backend() in ("gpu", "tpu"):
-      # Fused attention (cuDNN flash attention on GPU) where no probabilities are needed.
-      q, k, v = (rearrange(a, "h b t hd -> b t h hd") for a in (q, k, v))
-      out = jax.nn.dot_product_attention(q, k, v)
-      head_major = False
-    else:
+    if return_attention or (train and self.attn_drop_rate > 0) or impl == "materialized":
       # Head-major (heads, B, T, head_dim) products: ~10% faster on XLA:CPU than (B, heads, ..)
       # behind the transposes it would need.
-      logits = jnp.einsum("hbqd,hbkd->hbqk", q * jnp.asarray(head_dim ** -0.5, q.dtype), k)
-      probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-      weights = nn.Dropout(self.attn_drop_rate)(probs, deterministic=not train)
+      probs = attention.probs_block(q * jnp.asarray(scale, q.dtype), k)
+      weights = nn.Dropout(self.attn_drop_rate, name="Dropout_0")(probs,
+                                                                  deterministic=not train)
       out = jnp.einsum("hbqk,hbkd->hbqd", weights.astype(v.dtype), v)
-      head_major = True
-    out = _Proj(head_major, self.dtype, self.param_dtype, name="proj")(out)
-    out = nn.Dropout(self.proj_drop_rate)(out, deterministic=not train)
+    else:
+      out = attention.attend(q, k, v, scale, implementation=impl, chunk=self.chunk)
+    out = _Proj(self.dtype, self.param_dtype, name="proj")(out)
+    # The dropout modules' names fix their rng streams whichever path ran (the names Linen
+    # gave them when both always existed): the same masks on every path and as before.
+    out = nn.Dropout(self.proj_drop_rate, name="Dropout_1")(out, deterministic=not train)
+    qk = None
+    if return_qk:
+      qk = (jax.lax.stop_gradient(q * jnp.asarray(scale, q.dtype)), jax.lax.stop_gradient(k))
     if return_attention:
-      return out, rearrange(probs, "h b q k -> b h q k")
-    return out, None
+      probs = rearrange(probs, "h b q k -> b h q k")
+    else:
+      probs = None
+    return out, probs, qk
 
 
 class Mlp(nn.Module):
@@ -233,19 +247,25 @@ class Block(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
+  attention_chunk: Optional[int] = None
 
   @nn.compact
-  def __call__(self, x, train: bool = False, return_attention: bool = False):
+  def __call__(self, x, train: bool = False, return_attention: bool = False,
+               return_qk: bool = False):
+    """-> (x, probs, qk): `Attention`'s probabilities and (q, k), None unless asked for."""
     norm = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
-    y, probs = Attention(self.num_heads, self.attn_drop_rate, self.drop_rate, self.dtype,
-                         self.param_dtype, name="attn")(
-                             norm("norm1")(x), train=train, return_attention=return_attention)
+    y, probs, qk = Attention(self.num_heads, self.attn_drop_rate, self.drop_rate, self.dtype,
+                             self.param_dtype, self.attention_impl, self.attention_chunk,
+                             name="attn")(norm("norm1")(x), train=train,
+                                          return_attention=return_attention,
+                                          return_qk=return_qk)
     x = x + drop_path(y, self.drop_path_rate, not train, self)
     y = Mlp(self.mlp_dim, self.drop_rate, self.dtype, self.param_dtype, name="mlp")(
         norm("norm2")(x), train=train)
     x = x + drop_path(y, self.drop_path_rate, not train, self)
-    return x, probs
+    return x, probs, qk
 
 
 def grid_size(img_size: int | Sequence[int], patch_size: int, patch_stride: int):
@@ -335,6 +355,14 @@ class VisionTransformer(nn.Module):
   # other (DeiT-Ti train step 6-7% faster on 2 cores). None = auto: 2 on the CPU with one
   # device and 2+ cores (`batch_chains_for`), 1 elsewhere (GPU/TPU kernels gain nothing).
   batch_chains: Optional[int] = None
+  # How each block computes attention (`fgjax.models.attention`): "auto" (a memory-efficient
+  # path for the backend: chunked on the CPU, cuDNN flash in bf16 on a GPU, Pallas flash on a
+  # TPU), "chunked", "cudnn", "tpu_flash", or "materialized" (the probabilities formed and
+  # kept for the backward pass: the memory of earlier fgjax versions). Same function.
+  attention_impl: str = "auto"
+  # Query rows per block of the chunked attention and the streamed rollout (None = auto:
+  # one block up to 512 tokens, blocks of about 256 rows beyond).
+  attention_chunk: Optional[int] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -378,10 +406,11 @@ class VisionTransformer(nn.Module):
   def make_block(self, i: int) -> Block:
     # Linearly increasing stochastic depth as in timm.
     dpr = self.drop_path_rate * i / max(self.depth - 1, 1)
-    # static_argnums counts the module as 0: (x=1, train=2, return_attention=3).
-    block_cls = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
+    # static_argnums counts the module as 0: (x=1, train=2, return_attention=3, return_qk=4).
+    block_cls = nn.remat(Block, static_argnums=(2, 3, 4)) if self.remat else Block
     return block_cls(self.num_heads, int(self.width * self.mlp_ratio), self.drop_rate,
-                 self.attn_drop_rate, dpr, self.dtype, self.param_dtype, name=f"blocks_{i}")
+                     self.attn_drop_rate, dpr, self.dtype, self.param_dtype,
+                     self.attention_impl, self.attention_chunk, name=f"blocks_{i}")
 
   def classify(self, x, aux: dict):
     """Final norm + heads on the prefix tokens of `x`; fills `aux`, returns logits."""
@@ -410,54 +439,72 @@ class VisionTransformer(nn.Module):
     return cls_logits
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False, return_attention: bool = False):
+  def __call__(self, images, *, train: bool = False, return_attention: bool = False,
+               return_rollout: bool = False):
     if self.region_selection not in (None, "trs", "cls_row"):
       raise ValueError(f"region_selection must be None, 'trs' or 'cls_row', got "
                        f"{self.region_selection!r}")
+    attention.check_implementation(self.attention_impl)
     x = self.embed(images, train=train)
     blocks = [self.make_block(i) for i in range(self.depth)]
     n = batch_chains_for(self.batch_chains, x.shape[0])
+    run = lambda x: self.run_blocks(blocks, x, train, return_attention, return_rollout)
     if n == 1:
-      x, aux = self.run_blocks(blocks, x, train, return_attention)
+      x, aux = run(x)
     else:
-      outs = [self.run_blocks(blocks, c, train, return_attention) for c in _split_chains(x, n)]
+      outs = [run(c) for c in _split_chains(x, n)]
       x = _merge_chains(*[o[0] for o in outs])
       aux = jax.tree.map(_merge_chains, *[o[1] for o in outs])
     logits = self.classify(x, aux)
     return logits, aux
 
-  def run_blocks(self, blocks, x, train: bool, return_attention: bool):
-    """The blocks (with region selection before the last) on tokens `x` -> (x, aux)."""
+  def run_blocks(self, blocks, x, train: bool, return_attention: bool,
+                 return_rollout: bool = False):
+    """The blocks (with region selection before the last) on tokens `x` -> (x, aux).
+
+    The blocks before the last hand their (q, k) to the selection (`region_selection`) or,
+    with `return_rollout` on a plain ViT/DeiT, to the TRS rollout score that `aux["rollout"]`
+    and `aux["selected"]` then report without changing the forward pass.
+    """
     aux: dict[str, Any] = {}
-    attentions = []
+    attentions, qks = [], []
     select = self.region_selection is not None
+    if return_rollout and not select and self.depth < 2:
+      raise ValueError("return_rollout needs at least 2 blocks")
     for i, block in enumerate(blocks):
       if select and i == self.depth - 1:
-        x = self.select_regions(x, attentions, aux)
-      need = return_attention or (select and i < self.depth - 1)
-      x, probs = block(x, train, need)
-      if need:
+        x = self.select_regions(x, qks, aux)
+      need_qk = (select or return_rollout) and i < self.depth - 1
+      x, probs, qk = block(x, train, return_attention, need_qk)
+      if return_attention:
         attentions.append(probs)
+      if need_qk:
+        qks.append(qk)
       if i in self.feature_blocks:
         aux.setdefault("block_tokens", []).append(x[:, self.num_prefix_tokens:])
+    if return_rollout and not select:
+      scores = rollout.trs_scores_from_qk(qks, self.num_prefix_tokens, self.attention_chunk)
+      aux["rollout"] = scores
+      aux["selected"] = rollout.select_per_head(scores)
     if return_attention:
       aux["attention"] = attentions
     return x, aux
 
-  def select_regions(self, x, attentions, aux):
+  def select_regions(self, x, qks, aux):
     """Keeps the prefix tokens and one patch per head (argmax of the rollout score).
 
+    The score is swept from the earlier blocks' (q, k) (stop-gradient: the selection is not
+    differentiated), never from stored attention matrices (`fgjax.models.rollout`).
     Fills aux["selected"] (B, heads) patch indices (0-based over patches) and
     aux["rollout"] (B, heads, N) the scores they were chosen from.
     """
-    if len(attentions) < 1:
+    if len(qks) < 1:
       raise ValueError("region selection needs at least 2 blocks")
     prefix = self.num_prefix_tokens
-    probs = [jax.lax.stop_gradient(a) for a in attentions]
     if self.region_selection == "trs":
-      scores = rollout.trs_scores(probs, prefix)
+      scores = rollout.trs_scores_from_qk(qks, prefix, self.attention_chunk)
     else:
-      scores = rollout.cls_row_scores(probs, prefix)
+      scores = rollout.cls_row_scores_from_qk(qks, prefix, self.attention_chunk)
     selected = rollout.select_per_head(scores)
     aux["selected"] = selected
     aux["rollout"] = scores

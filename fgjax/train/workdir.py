@@ -8,7 +8,8 @@ keys ending in `_resolved` are what a run derives from its data and are not comp
 - the same config: a resume;
 - only keys in `RESUMABLE` differ (a longer `total_steps`, other log, eval or checkpoint
   intervals, worker counts, a moved dataset folder, the decoding backend or draft decoding,
-  which change images by a few levels of uint8, not what they show): a resume, each change
+  which change images by a few levels of uint8, not what they show; the ViT attention path
+  and its block size, the same function within float rounding): a resume, each change
   logged;
 - any other key differs, or the data has other class names (another dataset under the same
   name or folder): `WorkdirError` listing the keys (old -> new) and the two ways forward,
@@ -40,7 +41,7 @@ log = logging.getLogger("fgjax")
 RESUMABLE = ("total_steps", "total_epochs", "total_examples", "log_every_*", "eval_every_*",
              "checkpoint_every_*", "keep_checkpoints", "eval_batch_size", "visualize_examples",
              "data.worker_count", "data.prefetch", "data.data_dir", "data.backend",
-             "data.draft_decode")
+             "data.draft_decode", "model.kwargs.attention_impl", "model.kwargs.attention_chunk")
 IGNORED = ("*_resolved", "resume_with_changes")
 _FGJAX_ENTRIES = ("config.json", "checkpoints", "teacher")
 _MAX_LISTED = 12
