@@ -102,7 +102,7 @@ def _pmg_resnet_factory(depth: int):
 
 
 _PMG_DEIT_BACKBONE_KWARGS = ("batch_chains", "remat", "drop_rate", "attn_drop_rate",
-                             "drop_path_rate")
+                             "drop_path_rate", "attention_impl", "attention_chunk")
 
 
 def _pmg_deit_factory(variant: str):

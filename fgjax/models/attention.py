@@ -9,9 +9,10 @@ activations together. Four implementations, one meaning (`attend`):
   O(n^2) memory". The queries are split into blocks of `chunk` rows; each block's probabilities
   are full softmax rows (over all keys, computed exactly as the materialised path computes
   them), used and dropped. A custom VJP keeps only q, k and v and recomputes each block's
-  probabilities in the backward pass (dq per block; dk and dv accumulated in float32). At most
-  one block's (heads, B, chunk, T) array is alive at a time; with T <= `chunk` it is one block
-  and the forward's arithmetic is the materialised path's, op for op.
+  probabilities in the backward pass (dq per block; dk and dv accumulated in float32). Only
+  the current block's (heads, B, chunk, T) arrays are alive (the probabilities in the forward;
+  the probabilities, their cotangent and the softmax's in the backward); with T <= `chunk` it
+  is one block and the forward's arithmetic is the materialised path's, op for op.
 - "cudnn": cuDNN's flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16).
 - "tpu_flash": the Pallas TPU flash-attention kernel (`jax.experimental.pallas.ops.tpu`), the
   token axis padded to its 128-row tiles and the padding masked by segment ids.

@@ -207,7 +207,9 @@ class Attention(nn.Module):
       out = attention.attend(q, k, v, scale, implementation=impl, chunk=self.chunk)
     out = _Proj(self.dtype, self.param_dtype, name="proj")(out)
     # The dropout modules' names fix their rng streams whichever path ran (the names Linen
-    # gave them when both always existed): the same masks on every path and as before.
+    # gave them when both always existed on the CPU): the same masks on every path, and as
+    # before on the CPU. (Earlier GPU/TPU runs without probabilities drew the proj dropout
+    # from the stream now named Dropout_0.)
     out = nn.Dropout(self.proj_drop_rate, name="Dropout_1")(out, deterministic=not train)
     qk = None
     if return_qk:
