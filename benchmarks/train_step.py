@@ -21,6 +21,16 @@ A train step = forward in train mode + loss + backward + AdamW update (lr 1e-4, 
                           heads, then the original image with 2 x CE on the concat head); the
                           reference: timm ResNet stages + the PMG heads in torch, 4 backward
                           passes and optimizer steps.
+  racnn_v16_224_cls, racnn_v16_224_apn, racnn_v19_448_cls, racnn_v19_448_apn
+                          RA-CNN (three VGG scale networks, crops at half the input size, two
+                          APNs with 1024 hidden units), one row per phase of its alternation:
+                          "cls" = CE at the three scales, squares under stop_gradient, the
+                          classifiers' optimizer; "apn" = the ranking loss through the crops,
+                          classifiers frozen in eval mode, the APNs' optimizer (each AdamW over
+                          its own parameter group, both states held). The reference: torchvision
+                          VGG features + a gap/fc head per scale, the APNs, the crop by
+                          `grid_sample` of the square's sampling grid times the boxcar mask;
+                          the frozen group has requires_grad off in the APN phase.
 
 On a CPU the fgjax and PyTorch steps alternate (`--no-interleave` times one framework after the
 other, the default on a GPU), so that a shared machine's drifting speed affects both alike.
@@ -66,6 +76,10 @@ MODELS = {  # key: (label, fgjax name, timm name, img, kind, cpu batch, gpu batc
                      "transfg", 1, 16),
     "pmg_r18_224": ("PMG-ResNet18", "pmg_resnet18", "resnet18", 224, "pmg", 8, 128),
     "pmg_r50_448": ("PMG-ResNet50", "pmg_resnet50", "resnet50", 448, "pmg", 1, 32),
+    "racnn_v16_224_cls": ("RA-CNN-VGG16 cls", "racnn_vgg16", "vgg16", 224, "racnn_cls", 2, 32),
+    "racnn_v16_224_apn": ("RA-CNN-VGG16 apn", "racnn_vgg16", "vgg16", 224, "racnn_apn", 2, 32),
+    "racnn_v19_448_cls": ("RA-CNN-VGG19 cls", "racnn_vgg19", "vgg19", 448, "racnn_cls", 1, 16),
+    "racnn_v19_448_apn": ("RA-CNN-VGG19 apn", "racnn_vgg19", "vgg19", 448, "racnn_apn", 1, 16),
 }
 PEAK_TFLOPS = {"H100": {"bfloat16": 989.0, "float32": 67.0},
                "H200": {"bfloat16": 989.0, "float32": 67.0},
@@ -118,19 +132,36 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------ fgjax
 
 
+class _Groups:
+  """One optax transform per parameter group, as the trainer holds them: `init(params)` ->
+  {optimizer: state over its group}."""
+
+  def __init__(self, tx, masks):
+    self.tx, self.masks = tx, masks
+
+  def init(self, params):
+    from fgjax.methods import base as protocol
+    return {name: self.tx.init(protocol.select(params, m)) for name, m in self.masks.items()}
+
+
 def make_fgjax_step(name: str, kind: str, img: int, dtype, model_kwargs=None):
   """(model, optimizer, step): step(params, opt, extra vars, batch, rng) -> (params, opt, extra
   vars, loss) runs one training step of `kind` ("deit": CE on the logits; "trs", "transfg",
-  "pmg", "cal": the method's own loss, PMG's S + 1 updates in sequence as in the trainer) with
-  AdamW (lr 1e-4, wd 0.05)."""
+  "pmg", "cal": the method's own loss, PMG's S + 1 updates in sequence as in the trainer;
+  "racnn_cls", "racnn_apn": one phase of RA-CNN's alternation, on its optimizer's group) with
+  AdamW (lr 1e-4, wd 0.05) over each of the method's parameter groups. `optimizer.init(params)`
+  gives the states of every group."""
   import jax
+  import jax.numpy as jnp
   import optax
   from configs import common as cfgs
   from fgjax import losses, methods, models
+  from fgjax.methods import base as protocol
   from fgjax.train import setup, step as step_lib
 
   model = models.create(name, NUM_CLASSES, img, dtype=dtype, **(model_kwargs or {}))
   tx = optax.adamw(1e-4, weight_decay=0.05)
+  specs = {"default": methods.OptimizerSpec({})}
   if kind == "deit":
     def ce(p, e, ctx):
       logits, _ = model.apply({"params": p}, ctx.batch["image"], train=True,
@@ -138,20 +169,27 @@ def make_fgjax_step(name: str, kind: str, img: int, dtype, model_kwargs=None):
       return losses.cross_entropy(logits, ctx.batch["label"]), ({}, e)
     updates = (methods.Update(ce),)
   else:
-    cfg = cfgs.base_config({"trs": "trs_deit"}.get(kind, kind))
+    method_name = {"trs": "trs_deit", "racnn_cls": "racnn", "racnn_apn": "racnn"}.get(kind, kind)
+    cfg = cfgs.base_config(method_name)
     cfg.model.name, cfg.model.img_size = name, img
-    # The methods benchmarked here have one phase (every step alike); an alternating method
-    # would be timed per phase.
-    updates = methods.get_method(cfg, model, NUM_CLASSES).phases()[0].updates
+    phase = 0
+    if method_name == "racnn":  # the alternation only: no pre-training phases
+      cfg.racnn.classifier_pretrain_steps = cfg.racnn.apn_pretrain_steps = 0
+      phase = 0 if kind == "racnn_cls" else 1
+    method = methods.get_method(cfg, model, NUM_CLASSES)
+    specs = method.optimizers()
+    updates = method.phases()[phase].updates
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, img, img, 3), jnp.float32))["params"]
+  masks = protocol.group_mask(specs, shapes)
+  optimizers = {n: setup.BuiltOptimizer(tx, m, None) for n, m in masks.items()}
 
   def step(p, o, extra, batch, rng):  # the trainer's update loop (without its bookkeeping)
-    everything = jax.tree.map(lambda _: True, p)  # one optimizer over all parameters
-    optimizers = {"default": setup.BuiltOptimizer(tx, everything, None)}
-    p, o, extra, loss, _, _ = step_lib.apply_updates(updates, optimizers, p, {"default": o},
-                                                     extra, batch, rng)
-    return p, o["default"], extra, loss
+    p, o, extra, loss, _, _ = step_lib.apply_updates(updates, optimizers, p, o, extra, batch,
+                                                     rng)
+    return p, o, extra, loss
 
-  return model, tx, step
+  return model, _Groups(tx, masks), step
 
 
 def prepare_fgjax(key, images, labels, args):
@@ -280,6 +318,62 @@ def _torch_jigsaw(x, n, torch):
   return cells.reshape(b, n, n, c, ch, cw).permute(0, 3, 1, 4, 2, 5).reshape(b, c, hgt, wid)
 
 
+def _torch_attention_crop(x, box, out, torch, k=10.0):
+  """RA-CNN's crop in torch: the square's out x out sampling grid (pixel centres,
+  align_corners=False) through `grid_sample`, times the boxcar mask at the samples."""
+  F = torch.nn.functional
+  _, _, hgt, wid = x.shape
+  tx, ty, tl = box.unbind(1)
+  u = (torch.arange(out, device=x.device, dtype=x.dtype) + 0.5) / out
+  sx = (tx - tl)[:, None] + u * 2 * tl[:, None]
+  sy = (ty - tl)[:, None] + u * 2 * tl[:, None]
+  gx, gy = 2 * sx / wid - 1, 2 * sy / hgt - 1
+  grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
+  out_x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+  mx = torch.sigmoid(k * (sx - (tx - tl)[:, None])) - torch.sigmoid(k * (sx - (tx + tl)[:, None]))
+  my = torch.sigmoid(k * (sy - (ty - tl)[:, None])) - torch.sigmoid(k * (sy - (ty + tl)[:, None]))
+  return out_x * my[:, None, :, None] * mx[:, None, None, :]
+
+
+def _torch_racnn_parts(vgg_name, num_classes, img, torch, dev):
+  """RA-CNN in torch: three torchvision VGG feature stacks (conv5 before pool5), a gap + fc
+  head each, two APNs (max-pool 2x2, FC 1024, tanh, FC 3, sigmoid -> squares with tl >= 1/3
+  of the side, inside the image). Returns (nets, apns, forward(x, box_grad) -> logits list)."""
+  import torchvision
+  nn = torch.nn
+  crop = img // 2
+
+  def scale_net():
+    feats = getattr(torchvision.models, vgg_name)(weights=None).features[:-1]  # no pool5
+    return nn.ModuleDict({"features": feats, "head": nn.Linear(512, num_classes)})
+
+  def apn(side):
+    return nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(512 * (side // 32) ** 2, 1024),
+                         nn.Tanh(), nn.Linear(1024, 3), nn.Sigmoid())
+
+  nets = nn.ModuleList([scale_net() for _ in range(3)]).to(dev)
+  apns = nn.ModuleList([apn(img), apn(crop)]).to(dev)
+
+  def squares(s, side):
+    lo = side / 3.0
+    tl = lo + (side / 2.0 - lo) * s[:, 2]
+    free = side - 2 * tl
+    return torch.stack([tl + free * s[:, 0], tl + free * s[:, 1], tl], 1)
+
+  def forward(x, box_grad):
+    logits, side = [], float(img)
+    for s in range(3):
+      fmap = nets[s]["features"](x)
+      logits.append(nets[s]["head"](fmap.mean((2, 3))))
+      if s == 2:
+        break
+      box = squares(apns[s](fmap), side)
+      x = _torch_attention_crop(x, box if box_grad else box.detach(), crop, torch)
+      side = float(crop)
+    return logits
+  return nets, apns, forward
+
+
 def _torch_con_loss(z, y, torch, margin=0.4):
   z = torch.nn.functional.normalize(z.float(), dim=-1)
   cos = z @ z.t()
@@ -302,6 +396,15 @@ def prepare_torch(key, images_nchw, labels, args, device):
   y = torch.from_numpy(labels).long().to(dev)
   if kind == "pmg":
     model, pmg_forward = _torch_pmg_parts(timm_name, NUM_CLASSES, torch, dev)
+  elif kind.startswith("racnn"):
+    nets, apns, racnn_forward = _torch_racnn_parts(timm_name, NUM_CLASSES, img, torch, dev)
+    train_apn = kind == "racnn_apn"
+    nets.train(not train_apn)
+    for p in nets.parameters():  # the frozen group gets no gradients
+      p.requires_grad_(not train_apn)
+    for p in apns.parameters():
+      p.requires_grad_(train_apn)
+    model = apns if train_apn else nets
   else:
     model = timm.create_model(timm_name, pretrained=False, img_size=img,
                               num_classes=NUM_CLASSES).to(dev).train()
@@ -326,6 +429,13 @@ def prepare_torch(key, images_nchw, labels, args, device):
     if kind == "transfg":
       logits, z = _torch_transfg_forward(model, patch_proj, pos_embed, x, torch)
       return F.cross_entropy(logits, y) + _torch_con_loss(z, y, torch)
+    if kind.startswith("racnn"):
+      logits = racnn_forward(x, kind == "racnn_apn")
+      if kind == "racnn_cls":
+        return sum(F.cross_entropy(lg, y) for lg in logits)
+      p = [F.softmax(lg.float(), -1).gather(1, y[:, None])[:, 0] for lg in logits]
+      return ((p[0].detach() - p[1] + 0.05).clamp(min=0).mean()
+              + (p[1].detach() - p[2] + 0.05).clamp(min=0).mean())
     if kind == "pmg":
       if jigsaw_n:
         stage = {8: 0, 4: 1, 2: 2}[jigsaw_n]

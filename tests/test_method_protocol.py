@@ -109,6 +109,23 @@ def test_schedule_arithmetic():
     methods.Phase((u("a"),), steps=0)
 
 
+def test_once_phases_run_before_the_cycle():
+  u = lambda o: methods.Update(lambda *a: None, o)
+  phases = (methods.Phase((u("a"),), steps=2, once=True),  # steps 0-1
+            methods.Phase((u("b"),), steps=1, once=True),  # step 2
+            methods.Phase((u("a"),), steps=2), methods.Phase((u("b"), u("b")), steps=1))
+  assert [protocol.phase_at(phases, s) for s in range(10)] == [0, 0, 1, 2, 2, 3, 2, 2, 3, 2]
+  assert [int(protocol.updates_before(phases, "a", s)) for s in range(10)] == \
+      [0, 1, 2, 2, 3, 4, 4, 5, 6, 6]
+  assert [int(protocol.updates_before(phases, "b", s)) for s in range(10)] == \
+      [0, 0, 0, 1, 1, 1, 3, 3, 3, 5]
+  assert int(protocol.updates_before(phases, "b", jnp.int32(9))) == 5
+  with pytest.raises(ValueError, match="before every cycling phase"):
+    protocol.phase_at((phases[2], phases[0]), 0)
+  with pytest.raises(ValueError, match="at least one phase that cycles"):
+    protocol.phase_at(phases[:2], 0)
+
+
 def test_overlapping_groups_and_undeclared_optimizers_are_errors():
   specs = {"a": methods.OptimizerSpec({}, ("head/.*",)), "b": methods.OptimizerSpec({}, (".*",))}
   with pytest.raises(ValueError, match="'a' and 'b' both claim parameter 'head/kernel'"):

@@ -1,4 +1,5 @@
-"""Pretrained-weight import: timm/DeiT `.pth`, `.safetensors`, Google ViT `.npz`, fgjax `.npz`.
+"""Pretrained-weight import: timm/DeiT/torchvision `.pth`, `.safetensors`, Google ViT `.npz`,
+fgjax `.npz` (ViT/DeiT, ResNet, VGG).
 
     params = fgjax.convert.load_checkpoint(path, "deit_base_distilled_patch16",
                                            img_size=448, num_classes=200)
@@ -10,11 +11,13 @@ What happens (the same steps as timm's `checkpoint_filter_fn` and big_vision's `
    is used only as a fallback for legacy pre-1.6 files). A state dict nested under `"model"`,
    `"state_dict"` or `"module"` and DDP's `module.` prefix are unwrapped.
 2. The tensors are renamed to fgjax's parameter tree (timm names -> `blocks_{i}/attn/qkv/...`;
-   Google names -> the same, fusing query/key/value into `qkv`).
+   Google names -> the same, fusing query/key/value into `qkv`; timm/torchvision ResNets and
+   VGGs -> their layouts, BatchNorm statistics into `batch_stats`).
 3. The position embedding is resampled to the model's token grid (timm-exact antialiased
    bicubic, prefix tokens kept apart: 2 for DeiT, 1 for ViT).
-4. The heads (`head`, `head_dist`) are re-initialised when the checkpoint's class count differs
-   from `num_classes` (or when the checkpoint has no head).
+4. The heads (`head`, `head_dist`, `fc`, VGG's `classifier_6`) are re-initialised when the
+   checkpoint's class count differs from `num_classes` (or when the checkpoint has no head); a
+   VGG with the "gap" head drops torchvision's classifier.
 5. Everything else must match the model exactly: otherwise a `CheckpointMismatchError` lists the
    missing keys, the unexpected keys and the shape mismatches.
 """
@@ -37,7 +40,8 @@ from fgjax.convert.resample import resample_pos_embed
 log = logging.getLogger(__name__)
 
 FGJAX_NPZ_MARKER = "__fgjax_meta__"
-HEAD_NAMES = ("head", "head_dist", "fc")
+HEAD_NAMES = ("head", "head_dist", "fc", "classifier_6")
+VGG_CLASSIFIER = ("classifier_0", "classifier_3", "classifier_6")  # torchvision's classifier
 
 
 class CheckpointError(ValueError):
@@ -246,6 +250,49 @@ def timm_resnet_to_variables(sd: Mapping[str, np.ndarray]) -> tuple[dict, list[s
   return {"params": unflat(params), "batch_stats": unflat(stats)}, unexpected
 
 
+def timm_vgg_to_variables(sd: Mapping[str, np.ndarray]) -> tuple[dict, list[str]]:
+  """Renames a torchvision or timm VGG state dict to fgjax `{"params", "batch_stats"}` for
+  `fgjax.models.vgg.VGG`: `features.{i}` -> `features_{i}` (a conv, or a BatchNorm where the
+  checkpoint has its running statistics); torchvision's `classifier.{0,3,6}` and timm's
+  `pre_logits.fc1` (a 7x7 conv), `pre_logits.fc2` (1x1) and `head.fc` -> `classifier_{0,3,6}`,
+  the first permuted from torch's (C, H, W) flatten order to fgjax's (H, W, C). Returns
+  (variables, unexpected)."""
+  params: dict[str, np.ndarray] = {}
+  stats: dict[str, np.ndarray] = {}
+  unexpected = []
+  is_bn = {k.rsplit(".", 1)[0] for k in sd if k.endswith(".running_mean")}
+  alias = {"pre_logits.fc1": "classifier.0", "pre_logits.fc2": "classifier.3",
+           "head.fc": "classifier.6"}
+  bn_fields = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+               "running_mean": ("stats", "mean"), "running_var": ("stats", "var")}
+  for k, v in sd.items():
+    v = np.asarray(v)
+    mod, _, field = k.rpartition(".")
+    if field == "num_batches_tracked":
+      continue
+    mod = alias.get(mod, mod)
+    m = re.fullmatch(r"(features|classifier)\.(\d+)", mod)
+    if m is None or field not in ("weight", "bias", "running_mean", "running_var"):
+      unexpected.append(k)
+      continue
+    name = f"{m.group(1)}_{m.group(2)}"
+    if k.rsplit(".", 1)[0] in is_bn:
+      where, leaf = bn_fields[field]
+      (params if where == "params" else stats)[f"{name}/{leaf}"] = v
+    elif field == "bias":
+      params[f"{name}/bias"] = v
+    elif m.group(1) == "features":
+      params[f"{name}/kernel"] = np.ascontiguousarray(v.transpose(2, 3, 1, 0))
+    elif name == "classifier_0":  # (4096, C*7*7) in (C, H, W) order -> (7*7*C, 4096)
+      out = v.shape[0]
+      w = v.reshape(out, -1, 7, 7).transpose(2, 3, 1, 0)
+      params[f"{name}/kernel"] = np.ascontiguousarray(w.reshape(-1, out))
+    else:
+      params[f"{name}/kernel"] = np.ascontiguousarray(v.reshape(v.shape[0], -1).T)
+  unflat = lambda d: traverse_util.unflatten_dict(d, sep="/")
+  return {"params": unflat(params), "batch_stats": unflat(stats)}, unexpected
+
+
 # Google ViT checkpoints (google-research/vision_transformer, augreg, big_vision).
 _IGNORED_GOOGLE = ("pre_logits/",)
 
@@ -327,14 +374,19 @@ def _detect_and_rename(flat: Mapping[str, np.ndarray], path: str):
     return (*google_to_fgjax(flat), {})
   if any(k.startswith(("blocks.", "patch_embed.")) for k in keys):
     return (*timm_to_fgjax(flat), {})
+  cnn = None
   if any(k.startswith("layer1.0.") for k in keys):
-    variables, unexpected = timm_resnet_to_variables(flat)
+    cnn = timm_resnet_to_variables
+  elif "features.0.weight" in flat and np.ndim(flat["features.0.weight"]) == 4:
+    cnn = timm_vgg_to_variables
+  if cnn is not None:
+    variables, unexpected = cnn(flat)
     flat_of = lambda d: traverse_util.flatten_dict(d, sep="/")
     return (flat_of(variables["params"]), unexpected,
             {"batch_stats": flat_of(variables["batch_stats"])})
-  raise CheckpointError(f"{path}: not a ViT/DeiT/ResNet checkpoint (no timm 'blocks.*' or "
-                        f"'layer1.*', Google 'Transformer/*' or fgjax 'params/*' keys; first "
-                        f"keys: {keys[:8]})")
+  raise CheckpointError(f"{path}: not a ViT/DeiT/ResNet/VGG checkpoint (no timm 'blocks.*', "
+                        f"'layer1.*' or 'features.0.*', Google 'Transformer/*' or fgjax "
+                        f"'params/*' keys; first keys: {keys[:8]})")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -476,6 +528,14 @@ def merge_into_model(model, loaded: Mapping[str, np.ndarray], unexpected: Iterab
   if getattr(model, "num_classes", None) == 0:  # a feature extractor: drop classifier weights
     for k in [k for k in loaded if k.split("/")[0] in HEAD_NAMES and k not in target]:
       loaded.pop(k)
+  if not any(f"{n}/kernel" in target for n in VGG_CLASSIFIER):
+    # A VGG without torchvision's classifier (RA-CNN's "gap" head, a feature extractor).
+    dropped = [k for k in loaded if k.split("/")[0] in VGG_CLASSIFIER]
+    for k in dropped:
+      loaded.pop(k)
+    if dropped:
+      log.info("%s: not loading the VGG classifier (%s): the model has none", path,
+               ", ".join(sorted({k.split("/")[0] for k in dropped})))
   for head in HEAD_NAMES:
     if f"{head}/kernel" not in target:
       continue

@@ -5,6 +5,7 @@
   transfg     TransFG: part-layer cross-entropy + contrastive loss
   pmg         PMG: progressive multi-granularity training (S + 1 updates per batch)
   cal         CAL: counterfactual attention learning on WS-DAN
+  racnn       RA-CNN: three scales, attention proposal networks, alternating optimizers
 
 `get_method(config, model, num_classes)` builds the method `config.method` names (a method
 defined elsewhere joins with `register(name, cls)`);
@@ -21,12 +22,14 @@ from fgjax.methods.base import (Context, Helper, HelperEnv, Method, OptimizerSpe
 from fgjax.methods.cal import CAL
 from fgjax.methods.classifier import Classifier
 from fgjax.methods.pmg import PMG
+from fgjax.methods.racnn import RACNN
 from fgjax.methods.regions import part_hits
 from fgjax.methods.transfg import TransFG
 from fgjax.methods.trs_deit import TRSDeiT
 
 METHODS: dict[str, type[Method]] = {"classifier": Classifier, "trs_deit": TRSDeiT,
-                                    "transfg": TransFG, "pmg": PMG, "cal": CAL}
+                                    "transfg": TransFG, "pmg": PMG, "cal": CAL,
+                                    "racnn": RACNN}
 
 
 def register(name: str, cls: type[Method]) -> type[Method]:
@@ -73,5 +76,5 @@ def get_method(config, model, num_classes) -> Method:
 
 
 __all__ = ["CAL", "Classifier", "Context", "Helper", "HelperEnv", "METHODS", "Method",
-           "OptimizerSpec", "PMG", "Phase", "TRSDeiT", "TransFG", "Update", "get_method",
+           "OptimizerSpec", "PMG", "Phase", "RACNN", "TRSDeiT", "TransFG", "Update", "get_method",
            "import_path", "method_class", "part_hits", "register", "sections"]

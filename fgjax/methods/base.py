@@ -40,9 +40,11 @@ Updates
   batch, the helpers' outputs). The gradient is taken with respect to the update's optimizer
   group only: parameters and optimizer states outside it are left bit for bit unchanged (the
   model's other collections, e.g. BatchNorm statistics, are whatever the loss returns).
-  Examples: one update per step (the default); PMG's S + 1 sequential updates with one shared
-  optimizer (one phase of S + 1 updates); RA-CNN-style alternation (optimizer A for N steps,
-  then B for M: two phases).
+  A leading run of phases with `once=True` runs once, before the cycle (a pre-training stage:
+  RA-CNN's classifier and APN pre-training); the phases after it cycle. Examples: one update
+  per step (the default); PMG's S + 1 sequential updates with one shared optimizer (one phase
+  of S + 1 updates); RA-CNN's alternation (optimizer A for N steps, then B for M: two phases,
+  after two `once` phases).
 
 Helpers
   `helpers()` -> {name: `Helper`}: frozen helpers the method owns (a teacher checkpoint run
@@ -102,9 +104,11 @@ class Update:
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-  """`updates` applied in order on each of `steps` consecutive train steps."""
+  """`updates` applied in order on each of `steps` consecutive train steps; `once=True`: a
+  phase of the leading pre-training stage, run once before the phases that cycle."""
   updates: tuple[Update, ...]
   steps: int = 1
+  once: bool = False
 
   def __post_init__(self):
     if int(self.steps) < 1:
@@ -168,28 +172,51 @@ class Helper:
     return []
 
 
+def _split(phases: Sequence[Phase]) -> tuple[int, int]:
+  """(number of leading `once` phases, steps they take); raises if a `once` phase follows a
+  cycling one or nothing cycles."""
+  k = 0
+  while k < len(phases) and phases[k].once:
+    k += 1
+  if k == len(phases):
+    raise ValueError("a method's phases need at least one phase that cycles (once=False)")
+  if any(p.once for p in phases[k:]):
+    raise ValueError("phases with once=True must come before every cycling phase")
+  return k, sum(int(p.steps) for p in phases[:k])
+
+
 def phase_at(phases: Sequence[Phase], step: int) -> int:
-  """Index of the phase that runs train step `step` (phases cycle)."""
-  cycle = sum(int(p.steps) for p in phases)
-  r = int(step) % cycle
-  for k, p in enumerate(phases):
+  """Index of the phase that runs train step `step` (the `once` phases first, then the others
+  cycle)."""
+  k, head = _split(phases)
+  r = int(step)
+  if r >= head:
+    r = head + (r - head) % sum(int(p.steps) for p in phases[k:])
+  for i, p in enumerate(phases):
     if r < p.steps:
-      return k
+      return i
     r -= p.steps
   raise AssertionError("unreachable")
 
 
 def updates_before(phases: Sequence[Phase], optimizer: str, step):
   """How many updates `optimizer` made before train step `step` (jnp or int)."""
-  cycle = sum(int(p.steps) for p in phases)
-  per_cycle = sum(int(p.steps) * sum(u.optimizer == optimizer for u in p.updates)
-                  for p in phases)
-  count = (step // cycle) * per_cycle
-  rem, start = step % cycle, 0
-  for p in phases:
-    k = sum(u.optimizer == optimizer for u in p.updates)
-    if k:
-      count = count + k * jnp.clip(rem - start, 0, p.steps)
+  k, head = _split(phases)
+  n_of = lambda p: sum(u.optimizer == optimizer for u in p.updates)
+  count, start = 0, 0
+  for p in phases[:k]:
+    if n_of(p):
+      count = count + n_of(p) * jnp.clip(step - start, 0, p.steps)
+    start += p.steps
+  cycling = phases[k:]
+  cycle = sum(int(p.steps) for p in cycling)
+  per_cycle = sum(int(p.steps) * n_of(p) for p in cycling)
+  after = jnp.maximum(step - head, 0)
+  count = count + (after // cycle) * per_cycle
+  rem, start = after % cycle, 0
+  for p in cycling:
+    if n_of(p):
+      count = count + n_of(p) * jnp.clip(rem - start, 0, p.steps)
     start += p.steps
   return count
 

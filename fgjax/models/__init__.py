@@ -12,7 +12,7 @@ from typing import Callable
 
 import flax.linen as nn
 
-from fgjax.models import cal, cnn, pmg, resnet, vit
+from fgjax.models import cal, cnn, pmg, racnn, resnet, vgg, vit
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -84,6 +84,18 @@ def _resnet_factory(depth: int):
 
 for _depth in (18, 34, 50, 101):
   register(f"resnet{_depth}")(_resnet_factory(_depth))
+
+
+def _vgg_factory(depth: int, batch_norm: bool):
+  def make(num_classes: int, img_size=224, **kw):
+    return vgg.VGG(num_classes=num_classes, depth=depth, batch_norm=batch_norm,
+                   img_size=img_size, **kw)
+  return make
+
+
+for _depth in (11, 13, 16, 19):
+  register(f"vgg{_depth}")(_vgg_factory(_depth, False))
+  register(f"vgg{_depth}_bn")(_vgg_factory(_depth, True))
 
 
 def _resnet_backbone(depth: int, img_size, dtype, widths=None):
@@ -164,6 +176,53 @@ def _cal_cnn_small(num_classes: int, img_size=64, dtype=None, widths=(16, 32, 64
   """CAL on `cnn_small`'s last stage (CPU-sized teacher for the synthetic dataset)."""
   backbone, dt = _small_cnn_backbone(img_size, dtype, widths, convs_per_stage, stem_stride)
   return cal.CAL(num_classes=num_classes, backbone=backbone, **dt, **kw)
+
+
+_RACNN_KWARGS = ("crop_size", "min_side_frac", "k", "share_weights", "apn_hidden",
+                 "apn_init_std")
+
+
+def _racnn(num_classes, img_size, dtype, kw, make_net, crop_default):
+  """RA-CNN around the scale-1 classifier `make_net(**net kwargs)` (spec section 6); the
+  RA-CNN options in `kw` go to `racnn.RACNN`, the rest to the scale networks."""
+  dt = {} if dtype is None else {"dtype": dtype}
+  rk = {k: kw.pop(k) for k in _RACNN_KWARGS if k in kw}
+  rk.setdefault("crop_size", crop_default)
+  return racnn.RACNN(num_classes=num_classes, backbone=make_net(**dt, **kw), img_size=img_size,
+                     **rk, **dt)
+
+
+def _racnn_vgg_factory(depth: int, batch_norm: bool):
+  """RA-CNN with a VGG at every scale (the paper: VGG-19), each with the "gap" head: conv5_x
+  average-pooled, then fc; the APNs read conv5_x (28 x 28 at 448)."""
+  def make(num_classes: int, img_size=448, dtype=None, **kw):
+    kw.setdefault("classifier", "gap")
+    return _racnn(num_classes, img_size, dtype, kw, lambda **k: vgg.VGG(
+        num_classes=num_classes, depth=depth, batch_norm=batch_norm, img_size=img_size, **k),
+        img_size // 2)
+  return make
+
+
+for _depth in (16, 19):
+  register(f"racnn_vgg{_depth}")(_racnn_vgg_factory(_depth, False))
+  register(f"racnn_vgg{_depth}_bn")(_racnn_vgg_factory(_depth, True))
+
+
+@register("racnn_resnet50")
+def _racnn_resnet50(num_classes: int, img_size=448, dtype=None, **kw):
+  """RA-CNN with a ResNet-50 at every scale (APNs on layer4)."""
+  return _racnn(num_classes, img_size, dtype, kw, lambda **k: resnet.ResNet(
+      num_classes=num_classes, depth=50, img_size=img_size, **k), img_size // 2)
+
+
+@register("racnn_cnn_small")
+def _racnn_cnn_small(num_classes: int, img_size=96, dtype=None, **kw):
+  """RA-CNN with `cnn_small` at every scale (CPU-sized; crops at the input size by default)."""
+  kw.setdefault("widths", (16, 32, 64, 128))
+  kw.setdefault("convs_per_stage", 1)
+  kw.setdefault("stem_stride", 2)
+  return _racnn(num_classes, img_size, dtype, kw, lambda **k: cnn.SmallCNN(
+      num_classes=num_classes, img_size=img_size, **k), img_size)
 
 
 @register("cnn_small")
