@@ -105,6 +105,7 @@ def test_quick_configs_train_one_step_on_fake_data(tmp_path, module, maker):
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
   def cfg():
     c = pmg_resnet50_cub.get_config("runlocal")
+    c.model.name = "pmg_cnn_small"  # resume is backbone-agnostic; heads keep batch_stats
     c.data.name, c.data.data_dir = "synthetic", None
     c.data.source_kwargs = dict(num_classes=3, num_examples=24, image_size=72)
     c.total_steps, c.checkpoint_every_steps, c.eval_every_steps = 3, 3, 3

@@ -240,7 +240,7 @@ def test_bad_files_give_clear_errors(tmp_path):
   with pytest.raises(convert.CheckpointError, match="garbage.safetensors"):
     convert.load_checkpoint(bad, "vit_tiny_patch16")
   np.savez(tmp_path / "other.npz", foo=np.zeros(3))
-  with pytest.raises(convert.CheckpointError, match="not a ViT/DeiT/ResNet checkpoint"):
+  with pytest.raises(convert.CheckpointError, match="not a ViT/DeiT/ResNet/VGG checkpoint"):
     convert.load_checkpoint(tmp_path / "other.npz", "vit_tiny_patch16")
 
 
