@@ -12,7 +12,9 @@ models (abstract shapes only), so ViT-L/16 at 448 is measured on a laptop.
 The numbers come from the backend the script runs on: on a GPU they are what XLA:GPU will
 allocate (plus the runtime's own reserve); on the CPU backend they estimate it (XLA:CPU fuses
 and schedules differently). `--remat` rows use `remat=True` (every ViT block recomputed in the
-backward pass); ResNet-based models have no remat option. `--attention` names the ViT
+backward pass); ResNet- and VGG-based models have no remat option. RA-CNN has two rows, one
+per phase of its alternation (the classifiers' cross-entropy at three scales with the squares
+held fixed; the APNs' ranking loss through the crops), each with AdamW on its own group. `--attention` names the ViT
 attention paths to compare (`fgjax.models.attention`): "materialized" keeps every block's
 (B, heads, T, T) probabilities for the backward pass (fgjax before 2026-12-02), "auto" is the
 default memory-efficient path (chunked with a recomputing VJP on the CPU, cuDNN flash attention
@@ -42,6 +44,9 @@ MODELS = {  # key: (label, fgjax name, kind, img, remat supported: a ViT)
     "transfg_l448": ("TransFG-L/16", "transfg_large_patch16", "transfg", 448, True),
     "pmg_r50_448": ("PMG-ResNet50", "pmg_resnet50", "pmg", 448, False),
     "cal_r101_448": ("CAL-ResNet101", "cal_resnet101", "cal", 448, False),
+    "racnn_v19_448_cls": ("RA-CNN-VGG19 classifier phase", "racnn_vgg19", "racnn_cls", 448,
+                          False),
+    "racnn_v19_448_apn": ("RA-CNN-VGG19 APN phase", "racnn_vgg19", "racnn_apn", 448, False),
     "trs_ti224": ("TRS-DeiT-Ti/16", "trs_deit_tiny_patch16", "trs", 224, True),
 }
 GIB = 1024 ** 3
@@ -51,7 +56,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--models", default="trs_b448,transfg_b448,transfg_l448,pmg_r50_448,"
-                                     "cal_r101_448")
+                                     "cal_r101_448,racnn_v19_448_cls,racnn_v19_448_apn")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--batches", default="2,4", help="the two per-device batches to fit")
   p.add_argument("--device-gib", default="16,80")

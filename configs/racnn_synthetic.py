@@ -6,11 +6,12 @@ RA-CNN).
 
 The default (harder) variant of the birds (small parts among decoys, 20 classes, 4000 training
 images), drawn at 128 px and read at 96 px: the small CNN (4 conv stages 16-128 wide, stride-2
-stem, global mean pooling) at every scale, crops zoomed to 96 px. Budget: `steps` train steps
-of 64 images for both runs (AdamW lr 3e-3, cosine). RA-CNN spends them as
-`classifier_pretrain` steps of the classifier update (the APNs at their initial centred
-squares), `apn_pretrain` steps of APN pre-training, then alternation every `alternate` steps;
-the APNs have 256 hidden units (1024 in the paper, for 14 x 14 x 512 inputs).
+stem, global max pooling: `pool`) at every scale, crops zoomed to 96 px. Budget: `steps` train
+steps of 64 images for both runs (AdamW lr 3e-3, cosine). RA-CNN spends them as
+`classifier_pretrain` steps of the classifier update (scales 2 and 3 on uniformly random
+squares; `pretrain_squares=apn`: on the APNs' initial centred squares), `apn_pretrain` steps
+of APN pre-training, then alternation every `alternate` steps; the APNs have 256 hidden units
+(1024 in the paper, for 14 x 14 x 512 inputs).
 """
 from configs import common
 
@@ -18,7 +19,8 @@ from configs import common
 def get_config(arg=None):
   args = common.parse_arg(arg, single=False, steps=1000, classifier_pretrain=300,
                           apn_pretrain=100, alternate=50, pool="max", min_side_frac=1 / 3,
-                          widths="16-32-64-128", apn_optim="adamw", apn_lr=3e-3)
+                          widths="16-32-64-128", apn_optim="adamw", apn_lr=3e-3,
+                          pretrain_squares="random")
   c = common.base_config("classifier" if args.single else "racnn")
   c.seed = 1
   widths = tuple(int(w) for w in args.widths.split("-"))
@@ -30,6 +32,7 @@ def get_config(arg=None):
     c.model.name = "racnn_cnn_small"
     c.model.kwargs = dict(net, crop_size=96, apn_hidden=256, min_side_frac=args.min_side_frac)
     c.racnn.classifier_pretrain_steps = args.classifier_pretrain
+    c.racnn.pretrain_squares = args.pretrain_squares
     c.racnn.apn_pretrain_steps = args.apn_pretrain
     c.racnn.alternate_every = args.alternate
     c.racnn.apn_optim = dict(name=args.apn_optim, lr=args.apn_lr)

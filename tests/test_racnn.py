@@ -1,5 +1,8 @@
 """RA-CNN: the attention crop and the ranking loss against hand-computed values, the APN's
 squares, the method's phases and updates, evaluation and the zoom-hit rate."""
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -142,7 +145,7 @@ def test_squares_stay_inside_with_the_minimum_side():
 
 from fgjax import methods  # noqa: E402
 from fgjax.methods import racnn as racnn_method  # noqa: E402
-from fgjax.train import setup, sharding  # noqa: E402
+from fgjax.train import logs, setup, sharding  # noqa: E402
 import tests.data_fixtures as fx  # noqa: E402
 
 SMALL = dict(widths=(8, 16, 16, 32), crop_size=48, apn_hidden=32)
@@ -236,7 +239,11 @@ def test_phases_two_optimizers_and_what_each_update_touches():
   phases = method.phases()
   assert [(p.once, p.steps, p.updates[0].optimizer) for p in phases] == [
       (True, 2, "classifiers"), (True, 2, "apn"), (False, 2, "classifiers"), (False, 2, "apn")]
+  assert phases[0].updates[0].loss == method.classifier_pretrain_loss  # random squares
   assert phases[1].updates[0].loss == method.apn_pretrain_loss
+  assert phases[2].updates[0].loss == method.classifier_loss
+  _, _, centred = _method(pretrain_squares="apn")
+  assert centred.phases()[0].updates[0].loss == centred.classifier_loss
   assert phases[3].updates[0].loss == method.ranking_loss
   mesh = sharding.make_mesh(cfg)
   example = setup.config_example(cfg)
@@ -262,6 +269,31 @@ def test_phases_two_optimizers_and_what_each_update_touches():
       assert any(p.startswith("apn2") for p in changed)
     else:  # every scale's network learns from its own cross-entropy
       assert {p.split("/")[0] for p in changed} == {"scale1", "scale2", "scale3"}
+
+
+def test_random_square_pretraining_draws_every_square():
+  """Classifier pre-training on random squares: the model takes the given sigmoids instead of
+  the APNs', and the pre-training loss draws them uniformly, per example and per step."""
+  cfg, model, method = _method()
+  x = jax.random.normal(jax.random.key(0), (16, 64, 64, 3))
+  v = model.init(jax.random.key(1), x[:2])
+  sig = jax.random.uniform(jax.random.key(2), (16, 2, 3))
+  _, aux = model.apply(v, x, box_sigmoid=sig)
+  np.testing.assert_array_equal(np.asarray(aux["box_sigmoid"]), np.asarray(sig))
+  for j, side in enumerate((64.0, float(model.crop_size))):
+    want = racnn.squares_from_sigmoids(sig[:, j], side, model.min_side_frac)
+    np.testing.assert_allclose(np.asarray(aux["boxes"][:, j]), np.asarray(want), rtol=1e-6)
+  batch = {"image": x, "label": jnp.arange(16) % 3}
+  stats = []
+  for seed in (0, 1):
+    ctx = methods.Context(step=0, rng=jax.random.key(seed), batch=batch, helpers={})
+    stats.append(method.classifier_pretrain_loss(v["params"], {}, ctx)[1][0])
+  ctx = methods.Context(step=0, rng=jax.random.key(0), batch=batch, helpers={})
+  at_init = method.classifier_loss(v["params"], {}, ctx)[1][0]
+  assert float(at_init["box2_side_std"]) < 1e-3  # the APNs' initial squares: all alike
+  for m in stats:  # uniform sigmoids: side std (1 - 2/3) / sqrt(12) ~ 0.096 of the image
+    assert 0.05 < float(m["box2_side_std"]) < 0.15 and float(m["box2_cx_std"]) > 0.02
+  assert float(stats[0]["box2_cx_mean"]) != float(stats[1]["box2_cx_mean"])
 
 
 def test_ranking_gradient_lowers_the_ranking_loss():
@@ -308,14 +340,42 @@ def test_ranking_gradient_lowers_the_ranking_loss():
   assert float(rank(apn)) < start
 
 
-def test_quick_config_trains_every_phase_on_fake_cub(tmp_path):
-  """configs/racnn_vgg19_cub.py:runlocal through the trainer: 4 steps = classifier
-  pre-training, APN pre-training, one classifier and one ranking step; evaluation reports the
-  combination, every scale and the zoom-hit rate against CUB's object boxes."""
-  from configs import racnn_vgg19_cub
-  fake, result = fx.train_quick_config(racnn_vgg19_cub, fx.make_fake_cub, tmp_path, steps=4)
-  test = result["test"]
+@pytest.mark.slow
+def test_run_py_every_mode_on_fake_cub(tmp_path):
+  """configs/racnn_vgg19_cub.py:runlocal through run.py as a user runs it: train (4 steps =
+  classifier pre-training, APN pre-training, one classifier and one ranking step), eval (the
+  combination, every scale, the zoom-hit rate against CUB's object boxes), predict,
+  visualize and export_teacher."""
+  from PIL import Image
+
+  from fgjax import teachers
+  from test_run import _ok, _run
+  fake = fx.make_fake_cub(tmp_path / "data", num_classes=3, per_class=4, image_size=(80, 64))
+  data = f"--config.data.data_dir={fake.data_dir}"
+  w = tmp_path / "racnn"
+  _ok(_run("--config=configs/racnn_vgg19_cub.py:runlocal", data, f"--workdir={w}"))
+  rows = [r for r in logs.read_metrics(str(w)) if r.get("split") == "train"]
+  assert rows and all(np.isfinite(r["loss"]) for r in rows)
+  for key in ("box2_cx_mean", "box2_side_std", "box3_at_bound"):
+    assert key in rows[-1], sorted(rows[-1])
+
+  _ok(_run("--mode=eval", f"--workdir={w}"))
+  test = json.loads((w / "eval_metrics.json").read_text())["test"]
   assert test["num_examples"] == len(fake.splits["test"])
   for key in ("top1", "scale1_top1", "scale2_top1", "scale3_top1", "box3_side_mean"):
     assert np.isfinite(test[key]), key
   assert 0.0 <= test["zoom_hit_rate"] <= 1.0 and 0.0 <= test["zoom_hit_chance"] <= 1.0
+
+  paths = [os.path.join(fake.root, rel) for _, _, rel in fake.splits["test"][:2]]
+  proc = _ok(_run("--mode=predict", f"--workdir={w}", *paths))
+  assert all(p in proc.stdout for p in paths) and proc.stdout.count("%") == 2 * 3  # 3 classes
+
+  out = tmp_path / "zoom"
+  _ok(_run("--mode=visualize", f"--workdir={w}", f"--output={out}", *paths))
+  pngs = sorted(out.glob("*_zoom.png"))
+  assert len(pngs) == 2 and Image.open(pngs[0]).size == (2 * 64 + 4, 64)
+
+  npz = tmp_path / "racnn_teacher.npz"
+  _ok(_run("--mode=export_teacher", f"--workdir={w}", f"--output={npz}"))
+  ids, logits, meta = teachers.load_predictions(str(npz))
+  assert logits.shape == (len(fake.splits["train"]), 3) and meta["model"] == "racnn_cnn_small"

@@ -5,7 +5,11 @@ Two optimizers: "classifiers" over the three scale networks (`scale1..3`, `confi
 `config.racnn.apn_optim` on top). The phases, in order:
 
 1. `classifier_pretrain_steps` (once; 0 when `init_from` gives the classifiers): the
-   classifier update below, the APNs at their initial squares (centred, sigmoids 0.5).
+   classifier update below, with `pretrain_squares="random"` on squares drawn uniformly (each
+   sigmoid uniform in [0, 1]: every allowed side and position; the APNs unused), with "apn" on
+   the APNs' initial squares (all centred, sigmoids 0.5). Random squares teach the scale-2 and
+   scale-3 networks every region, so that the ranking loss later compares regions rather than
+   rewarding the one square the networks were trained on.
 2. `apn_pretrain_steps` (once): the APNs regress, with smooth-L1 on (tx, ty, tl) in pixels,
    the square centred on the strongest response of the channel mean of their input conv map,
    of side `pretrain_side_frac` of the input side (the paper: half). The target's sigmoids are
@@ -34,6 +38,8 @@ uniformly random position inside the image); and the mean side of each square. V
 the scale-2 (red) and scale-3 (yellow) squares on the image beside the scale-3 input.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -128,7 +134,7 @@ def smooth_l1(d):
 class RACNN(Method):
   name = "racnn"
   sections = {"racnn": dict(alternate_every=200, classifier_pretrain_steps=0,
-                            apn_pretrain_steps=200, pretrain_side_frac=0.5, margin=0.05,
+                            pretrain_squares="random", apn_pretrain_steps=200, pretrain_side_frac=0.5, margin=0.05,
                             apn_optim={})}
 
   def __init__(self, config, model, num_classes):
@@ -149,6 +155,10 @@ class RACNN(Method):
     for key in ("classifier_pretrain_steps", "apn_pretrain_steps"):
       if int(rc[key]) < 0:
         raise ValueError(f"config.racnn.{key} must be >= 0, got {rc[key]}")
+    self.pretrain_squares = rc["pretrain_squares"]
+    if self.pretrain_squares not in ("random", "apn"):
+      raise ValueError(f"config.racnn.pretrain_squares must be 'random' or 'apn', got "
+                       f"{self.pretrain_squares!r}")
     self.side_frac = float(rc["pretrain_side_frac"])
     if not 0.0 < self.side_frac <= 1.0:
       raise ValueError(f"config.racnn.pretrain_side_frac must be in (0, 1], got "
@@ -169,7 +179,9 @@ class RACNN(Method):
     cls = Update(self.classifier_loss, "classifiers")
     out = []
     if self.cls_pretrain:
-      out.append(Phase((cls,), self.cls_pretrain, once=True))
+      pre = cls if self.pretrain_squares == "apn" else Update(self.classifier_pretrain_loss,
+                                                              "classifiers")
+      out.append(Phase((pre,), self.cls_pretrain, once=True))
     if self.apn_pretrain:
       out.append(Phase((Update(self.apn_pretrain_loss, "apn"),), self.apn_pretrain, once=True))
     out += [Phase((cls,), self.alternate[0]),
@@ -184,9 +196,17 @@ class RACNN(Method):
   def _stats(self, aux):
     return box_stats(aux["boxes"], aux["box_sigmoid"], self.sides)
 
-  def classifier_loss(self, params, extra, ctx):
+  def classifier_pretrain_loss(self, params, extra, ctx):
+    """The classifier update on uniformly random squares (`pretrain_squares="random"`)."""
+    rng, box_rng = jax.random.split(ctx.rng)
+    n = ctx.batch["label"].shape[0]
+    sig = jax.random.uniform(box_rng, (n, 2, 3), jnp.float32)
+    return self.classifier_loss(params, extra, dataclasses.replace(ctx, rng=rng),
+                                box_sigmoid=sig)
+
+  def classifier_loss(self, params, extra, ctx, box_sigmoid=None):
     _, aux, new = self.apply_train(params, extra, *self.model_inputs(ctx.batch), rng=ctx.rng,
-                                   box_gradients=False)
+                                   box_gradients=False, box_sigmoid=box_sigmoid)
     y = ctx.batch["label"]
     metrics, loss = {}, 0.0
     for s, logits in enumerate(aux["scale_logits"], 1):

@@ -25,7 +25,9 @@ the next scale's input.
   aux["apn_inputs"]    [scale-1 map, scale-2 map] (what APN pre-training targets are read from)
   aux["crops"]         [scale-2 input, scale-3 input]
 `box_gradients=False` stops the gradient at the squares before cropping (the classifier phase
-and APN pre-training: a scale's cross-entropy trains only its own network).
+and APN pre-training: a scale's cross-entropy trains only its own network). `box_sigmoid`
+(B, 2, 3), when given, replaces the APNs' sigmoids: the squares are those, and the APNs are
+not applied (the method's random-square classifier pre-training).
 """
 from __future__ import annotations
 
@@ -89,10 +91,16 @@ def squares(z, side: float, min_side_frac: float):
   """(boxes (B, 3) = (tx, ty, tl) in pixels of a side-`side` input, sigmoids (B, 3)) from the
   APN's pre-sigmoid outputs z (B, 3); see the module docstring."""
   s = jax.nn.sigmoid(z.astype(jnp.float32))
+  return squares_from_sigmoids(s, side, min_side_frac), s
+
+
+def squares_from_sigmoids(s, side: float, min_side_frac: float):
+  """Squares (B, 3) = (tx, ty, tl) in pixels of a side-`side` input from sigmoids
+  (s_x, s_y, s_l) (B, 3) in [0, 1]."""
   lo = min_side_frac * side
   tl = lo + (side / 2.0 - lo) * s[:, 2]
   free = side - 2.0 * tl
-  return jnp.stack([tl + free * s[:, 0], tl + free * s[:, 1], tl], -1), s
+  return jnp.stack([tl + free * s[:, 0], tl + free * s[:, 1], tl], -1)
 
 
 def in_parent(box, parent, crop_size: int):
@@ -160,7 +168,7 @@ class RACNN(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, box_gradients: bool = True,
-               return_attention: bool = False):
+               box_sigmoid=None, return_attention: bool = False):
     del return_attention  # a CNN has no attention maps; the squares are in aux
     self._check()
     nets = [self._net(1)]
@@ -179,7 +187,11 @@ class RACNN(nn.Module):
         break
       fmap = aux["stages"][-1]
       maps.append(fmap)
-      box, sg = squares(apns[s - 1](fmap), side, self.min_side_frac)
+      if box_sigmoid is None:
+        box, sg = squares(apns[s - 1](fmap), side, self.min_side_frac)
+      else:  # given squares (random-square pre-training of the classifiers); APNs unused
+        sg = jnp.asarray(box_sigmoid[:, s - 1], jnp.float32)
+        box = squares_from_sigmoids(sg, side, self.min_side_frac)
       boxes.append(box)
       sig.append(sg)
       use = box if box_gradients else jax.lax.stop_gradient(box)
