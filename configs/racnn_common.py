@@ -15,7 +15,9 @@ What the paper leaves open, and what fgjax chose:
   /120-class heads are new.
 - classifier pre-training: `racnn.classifier_pretrain_steps` = 10 epochs of the classifier
   update before anything else (the paper fine-tunes the VGG on the task first; 10 epochs is
-  the usual VGG fine-tuning length of its time, not a paper number).
+  the usual VGG fine-tuning length of its time, not a paper number); scales 2 and 3 learn on
+  the APNs' initial centred squares (`racnn.pretrain_squares="apn"`; "random" draws uniform
+  squares, slower to learn on the synthetic birds: docs/demo.md).
 - APN pre-training: 2 epochs (`racnn.apn_pretrain_steps`; not given in the paper).
 - alternation: one epoch of each (`racnn.alternate_every`; the paper alternates "until both
   losses stop changing"), 60 epochs in all.

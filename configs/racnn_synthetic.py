@@ -8,8 +8,8 @@ The default (harder) variant of the birds (small parts among decoys, 20 classes,
 images), drawn at 128 px and read at 96 px: the small CNN (4 conv stages 16-128 wide, stride-2
 stem, global max pooling: `pool`) at every scale, crops zoomed to 96 px. Budget: `steps` train
 steps of 64 images for both runs (AdamW lr 3e-3, cosine). RA-CNN spends them as
-`classifier_pretrain` steps of the classifier update (scales 2 and 3 on uniformly random
-squares; `pretrain_squares=apn`: on the APNs' initial centred squares), `apn_pretrain` steps
+`classifier_pretrain` steps of the classifier update (scales 2 and 3 on the APNs' initial
+centred squares; `pretrain_squares=random`: on uniformly random ones), `apn_pretrain` steps
 of APN pre-training, then alternation every `alternate` steps; the APNs have 256 hidden units
 (1024 in the paper, for 14 x 14 x 512 inputs).
 """
@@ -20,7 +20,7 @@ def get_config(arg=None):
   args = common.parse_arg(arg, single=False, steps=1000, classifier_pretrain=300,
                           apn_pretrain=100, alternate=50, pool="max", min_side_frac=1 / 3,
                           widths="16-32-64-128", apn_optim="adamw", apn_lr=3e-3,
-                          pretrain_squares="random")
+                          pretrain_squares="apn")
   c = common.base_config("classifier" if args.single else "racnn")
   c.seed = 1
   widths = tuple(int(w) for w in args.widths.split("-"))

@@ -75,3 +75,29 @@ def test_time_interleaved_alternates_and_times_each():
   assert timings["a"].iters == timings["b"].iters == 3 and timings["a"].warmup == 1
   with pytest.raises(ValueError):
     common.time_interleaved(fns, iters=0)
+
+
+def test_racnn_benchmark_steps_update_only_their_phase_group():
+  """The RA-CNN rows of train_step.py and memory.py time this step: one phase of the
+  alternation with AdamW on its own group (here on the small CNN, in process)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import traverse_util
+
+  from benchmarks.train_step import make_fgjax_step
+  x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+  batch = {"image": x, "label": jnp.array([0, 1])}
+  for kind, owner in (("racnn_cls", "scale"), ("racnn_apn", "apn")):
+    model, tx, step = make_fgjax_step("racnn_cnn_small", kind, 64, jnp.float32,
+                                      dict(crop_size=48, apn_hidden=32))
+    variables = dict(model.init(jax.random.key(1), x[:1]))
+    params = variables.pop("params")
+    opt = tx.init(params)
+    assert sorted(opt) == ["apn", "classifiers"]
+    new, _, _, loss = jax.jit(step)(params, opt, variables, batch, jax.random.key(2))
+    assert np.isfinite(float(loss))
+    a = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    b = traverse_util.flatten_dict(jax.device_get(new), sep="/")
+    changed = {k for k in a if not np.array_equal(a[k], b[k])}
+    assert changed and all(k.startswith(owner) for k in changed), (kind, sorted(changed)[:3])

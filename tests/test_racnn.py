@@ -239,11 +239,13 @@ def test_phases_two_optimizers_and_what_each_update_touches():
   phases = method.phases()
   assert [(p.once, p.steps, p.updates[0].optimizer) for p in phases] == [
       (True, 2, "classifiers"), (True, 2, "apn"), (False, 2, "classifiers"), (False, 2, "apn")]
-  assert phases[0].updates[0].loss == method.classifier_pretrain_loss  # random squares
+  assert phases[0].updates[0].loss == method.classifier_loss  # on the APNs' initial squares
   assert phases[1].updates[0].loss == method.apn_pretrain_loss
   assert phases[2].updates[0].loss == method.classifier_loss
-  _, _, centred = _method(pretrain_squares="apn")
-  assert centred.phases()[0].updates[0].loss == centred.classifier_loss
+  _, _, rand = _method(pretrain_squares="random")
+  assert rand.phases()[0].updates[0].loss == rand.classifier_pretrain_loss
+  with pytest.raises(ValueError, match="config.racnn.pretrain_squares"):
+    _method(pretrain_squares="centre")
   assert phases[3].updates[0].loss == method.ranking_loss
   mesh = sharding.make_mesh(cfg)
   example = setup.config_example(cfg)

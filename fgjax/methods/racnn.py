@@ -5,11 +5,11 @@ Two optimizers: "classifiers" over the three scale networks (`scale1..3`, `confi
 `config.racnn.apn_optim` on top). The phases, in order:
 
 1. `classifier_pretrain_steps` (once; 0 when `init_from` gives the classifiers): the
-   classifier update below, with `pretrain_squares="random"` on squares drawn uniformly (each
-   sigmoid uniform in [0, 1]: every allowed side and position; the APNs unused), with "apn" on
-   the APNs' initial squares (all centred, sigmoids 0.5). Random squares teach the scale-2 and
-   scale-3 networks every region, so that the ranking loss later compares regions rather than
-   rewarding the one square the networks were trained on.
+   classifier update below on the APNs' initial squares (`pretrain_squares="apn"`: all
+   centred, sigmoids 0.5), or with "random" on squares drawn uniformly (each sigmoid uniform
+   in [0, 1]: every allowed side and position; the APNs unused). Random squares teach the
+   scale-2 and scale-3 networks every region, at the price of slower learning (measured in
+   docs/demo.md).
 2. `apn_pretrain_steps` (once): the APNs regress, with smooth-L1 on (tx, ty, tl) in pixels,
    the square centred on the strongest response of the channel mean of their input conv map,
    of side `pretrain_side_frac` of the input side (the paper: half). The target's sigmoids are
@@ -134,7 +134,7 @@ def smooth_l1(d):
 class RACNN(Method):
   name = "racnn"
   sections = {"racnn": dict(alternate_every=200, classifier_pretrain_steps=0,
-                            pretrain_squares="random", apn_pretrain_steps=200, pretrain_side_frac=0.5, margin=0.05,
+                            pretrain_squares="apn", apn_pretrain_steps=200, pretrain_side_frac=0.5, margin=0.05,
                             apn_optim={})}
 
   def __init__(self, config, model, num_classes):
