@@ -34,10 +34,11 @@ def _sd(ref):
   return {k: v.numpy().copy() for k, v in ref.state_dict().items()}
 
 
-@pytest.mark.parametrize("name,img", [("vgg11", 80), ("vgg19_bn", 112)])
+@pytest.mark.parametrize("name,img", [("vgg11", 80), ("vgg19_bn", 112), ("vgg16", 224)])
 def test_logits_parity_with_torchvision(name, img):
   """80 px: conv5 is 5x5 before pool5 and 2x2 after, so the adaptive 7x7 pool repeats and
-  overlaps bins; 112 px: 3x3 -> uneven bins."""
+  overlaps bins; 112 px: 3x3 -> uneven bins; 224 px: ImageNet's size, 7x7 (the pool is the
+  identity)."""
   ref = _torchvision(name, 7)
   variables, unexpected = convert.timm_vgg_to_variables(_sd(ref))
   assert unexpected == []
