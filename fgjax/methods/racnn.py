@@ -2,9 +2,11 @@
 
 Two optimizers: "classifiers" over the three scale networks (`scale1..3`, `config.optim`) and
 "apn" over the two attention proposal networks (`apn1`, `apn2`; `config.optim` with
-`config.racnn.apn_optim` on top). The phases, in order:
+`backbone_lr_mult` reset to 1, every APN parameter being new, and `config.racnn.apn_optim` on
+top). The phases, in order:
 
-1. `classifier_pretrain_steps` (once; 0 when `init_from` gives the classifiers): the
+1. `classifier_pretrain_steps` (once; default 0, for classifiers that `init_from` gives
+   already trained on the task; the recipes set 10 epochs on ImageNet weights): the
    classifier update below on the APNs' initial squares (`pretrain_squares="apn"`: all
    centred, sigmoids 0.5), or with "random" on squares drawn uniformly (each sigmoid uniform
    in [0, 1]: every allowed side and position; the APNs unused). Random squares teach the
