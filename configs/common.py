@@ -50,10 +50,11 @@ def base_config(method: str = "classifier") -> ml_collections.ConfigDict:
   c.total_steps = None
   c.total_epochs = None
   c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8, momentum=0.9,
-      nesterov=False, clip_norm=0.0, schedule="cosine", warmup_steps=None, warmup_epochs=None,
-      warmup_init_lr_factor=0.0, decay_every_steps=None, decay_every_epochs=None,
-      decay_rate=0.1, end_lr_factor=0.0, backbone_lr_mult=1.0, new_layers=("head.*",)))
+      name="adamw", lr=1e-3, lr_base_batch=0, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
+      momentum=0.9, nesterov=False, clip_norm=0.0, schedule="cosine", warmup_steps=None,
+      warmup_epochs=None, warmup_init_lr_factor=0.0, decay_every_steps=None,
+      decay_every_epochs=None, decay_rate=0.1, end_lr_factor=0.0, backbone_lr_mult=1.0,
+      new_layers=("head.*",)))
   c.label_smoothing = 0.0
   c.ema_decay = 0.0
   c.log_every_steps = 50

@@ -65,6 +65,35 @@ def test_train_writes_metrics_checkpoints_and_reports(tmp_path):
   assert json.load(open(tmp_path / "final_metrics.json"))["test"]["num_examples"] > 0
 
 
+def test_best_test_over_training_is_reported_beside_the_honest_numbers(tmp_path):
+  """The references' protocol (the best test top-1 of every evaluation) in each test row of
+  the log and in final_metrics.json, labelled; `test` stays the final evaluation."""
+  cfg = tiny_config(**{"eval_every_steps": 1, "optim.lr": 3e-3})
+  result = trainer.train_and_evaluate(cfg, str(tmp_path))
+  rows = [r for r in logs.read_metrics(str(tmp_path)) if r["split"] == "test"]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  running = np.maximum.accumulate([r["top1"] for r in rows])
+  np.testing.assert_allclose([r[trainer.BEST_KEY] for r in rows], running)
+  best = json.load(open(tmp_path / "final_metrics.json"))["test_best_over_training"]
+  first = int(np.argmax([r["top1"] for r in rows]))
+  assert best["top1"] == pytest.approx(running[-1]) and best["step"] == rows[first]["step"]
+  assert "peeks at the test split" in best["protocol"]
+  assert trainer.BEST_KEY not in result["test"]
+  assert result["test"]["top1"] == pytest.approx(rows[-1]["top1"])
+
+
+def test_best_test_before_a_resume_reads_only_evaluations_up_to_its_step(tmp_path):
+  lines = [dict(split="test", step=2, top1=0.5), dict(split="val", step=2, top1=0.9),
+           dict(split="test", step=4, top1=0.7), dict(split="test", step=6, top1=0.8),
+           dict(split="test", step=5, top1=0.7)]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  assert trainer._best_test_before(str(tmp_path), 5) == (0.7, 4)  # step 6 is redone
+  assert trainer._best_test_before(str(tmp_path), 1) is None
+  assert trainer._best_test_before(str(tmp_path / "nowhere"), 5) is None
+  (tmp_path / "metrics.jsonl").write_text("{not json\n")
+  assert trainer._best_test_before(str(tmp_path), 5) is None  # warned, counts this run only
+
+
 def test_resume_after_sigterm_equals_uninterrupted(tmp_path, monkeypatch):
   cfg = lambda: tiny_config(ema_decay=0.9, total_steps=6, checkpoint_every_steps=4)
   trainer.train_and_evaluate(cfg(), str(tmp_path / "a"))
@@ -219,6 +248,37 @@ def test_optimizer_groups_and_schedules():
     updates, state = tx.update(grads, state, params)
   assert float(updates["head"]["kernel"][0, 0]) == pytest.approx(-1.0)
   assert float(updates["blocks_0"]["w"][0, 0]) == pytest.approx(-0.1)
+
+
+def test_lr_base_batch_scales_the_rate_by_the_global_batch(caplog):
+  """DeiT's rule: lr x global batch / lr_base_batch, on every group's schedule (the backbone's
+  with its multiplier), logged; off (None or 0) leaves optim.lr; a bad value names the key."""
+  import logging
+  cfg = tiny_config(**{"optim.lr": 3e-3, "optim.schedule": "constant", "optim.warmup_steps": 0,
+                       "optim.backbone_lr_mult": 0.1, "batch_size": 8})
+  _, method = setup.build(cfg, 4)
+  shapes = setup.params_shape(method, setup.config_example(cfg))
+  for base, want in ((None, 3e-3), (0, 3e-3), (512, 3e-3 * 8 / 512)):
+    cfg.optim.lr_base_batch = base
+    with caplog.at_level(logging.INFO, logger="fgjax"):
+      caplog.clear()
+      opts = setup.build_optimizers(cfg, method, shapes, 10, 20)
+    assert float(opts["default"].schedule(5)) == pytest.approx(want)
+    assert ("lr_base_batch 512 = 4.69e-05" in caplog.text) == (base == 512), caplog.text
+  _, sched = optim.make_optimizer(
+      setup.ml_collections.ConfigDict(dict(cfg.optim, lr=3e-3 * 8 / 512)), shapes, 20)
+  assert float(sched["backbone"](5)) == pytest.approx(3e-3 * 8 / 512 * 0.1)
+  assert setup.scaled_lr(cfg.optim, 16) == pytest.approx(3e-3 * 16 / 512)
+  cfg.optim.lr_base_batch = -4
+  with pytest.raises(ValueError, match="config.optim.lr_base_batch"):
+    setup.build_optimizers(cfg, method, shapes, 10, 20)
+  # The TRS-DeiT recipes: the paper's rates under the rule, on 4 images per GPU x 2 GPUs.
+  from configs import trs_deit_cars, trs_deit_cub, trs_deit_dogs
+  for module, want in ((trs_deit_cub, 3e-3 * 8 / 512), (trs_deit_cars, 3e-3 * 8 / 512),
+                       (trs_deit_dogs, 5e-4 * 8 / 512)):
+    c = module.get_config()
+    assert (c.batch_size, c.optim.lr_base_batch) == (8, 512)
+    assert setup.scaled_lr(c.optim, c.batch_size) == pytest.approx(want)
 
 
 def test_fsdp_2x4_step_equals_8x1_and_shards_the_state(tmp_path):

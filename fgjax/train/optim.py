@@ -3,6 +3,8 @@
 Config keys (`config.optim`):
   name: "adamw" | "sgd" (SGD with momentum, optionally Nesterov) | "adam"
   lr: base learning rate (the rate of the new layers)
+  lr_base_batch: when set, the rate is lr x global batch / lr_base_batch (DeiT's rule, base
+    512; applied by fgjax.train.setup.build_optimizers before the optimizer is built)
   backbone_lr_mult: the backbone's rate is `lr * backbone_lr_mult` (e.g. 0.1 for PMG)
   new_layers: regular expressions (full match on 'a/b/c' parameter paths) that form the
     "new layers" group; everything else is the backbone

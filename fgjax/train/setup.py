@@ -208,6 +208,19 @@ def metric_name(metric: str, optimizer: str) -> str:
   return metric if optimizer == "default" else f"{metric}_{optimizer}"
 
 
+def scaled_lr(optim_config, global_batch: int) -> float:
+  """`optim.lr`, times global batch / `optim.lr_base_batch` when that is set (DeiT's rule:
+  lr x batch x GPUs / 512); the rate every schedule of the optimizer starts from."""
+  lr = float(optim_config.lr)
+  base = optim_config.get("lr_base_batch")
+  if base is None or base == 0:
+    return lr
+  if not isinstance(base, (int, float)) or base < 0:
+    raise ValueError(f"config.optim.lr_base_batch must be a batch size > 0 (or 0/None: off), "
+                     f"got {base!r}")
+  return lr * global_batch / float(base)
+
+
 def build_optimizers(config, method, params_shape, steps_per_epoch: int | None = None,
                      total_steps: int = 1) -> dict[str, BuiltOptimizer]:
   """{name: BuiltOptimizer} from the method's declared optimizers.
@@ -240,6 +253,11 @@ def build_optimizers(config, method, params_shape, steps_per_epoch: int | None =
     per_step = total / max(int(total_steps), 1)
     ocfg = ml_collections.ConfigDict(dict(spec.config))
     with ocfg.unlocked():
+      if ocfg.get("lr_base_batch"):
+        lr = scaled_lr(ocfg, int(config.batch_size))
+        log.info("optimizer %s: lr %g x global batch %d / lr_base_batch %g = %.3g", name,
+                 float(ocfg.lr), int(config.batch_size), float(ocfg.lr_base_batch), lr)
+        ocfg.lr, ocfg.lr_base_batch = lr, 0  # applied once
       if steps_per_epoch is None:
         ocfg.schedule = "constant"
       else:
