@@ -136,8 +136,8 @@ def smooth_l1(d):
 class RACNN(Method):
   name = "racnn"
   sections = {"racnn": dict(alternate_every=200, classifier_pretrain_steps=0,
-                            pretrain_squares="apn", apn_pretrain_steps=200, pretrain_side_frac=0.5, margin=0.05,
-                            apn_optim={})}
+                            pretrain_squares="apn", apn_pretrain_steps=200,
+                            pretrain_side_frac=0.5, margin=0.05, apn_optim={})}
 
   def __init__(self, config, model, num_classes):
     super().__init__(config, model, num_classes)

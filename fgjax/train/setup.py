@@ -257,7 +257,7 @@ def build_optimizers(config, method, params_shape, steps_per_epoch: int | None =
         lr = scaled_lr(ocfg, int(config.batch_size))
         log.info("optimizer %s: lr %g x global batch %d / lr_base_batch %g = %.3g", name,
                  float(ocfg.lr), int(config.batch_size), float(ocfg.lr_base_batch), lr)
-        ocfg.lr, ocfg.lr_base_batch = lr, 0  # applied once
+        ocfg.lr = lr  # make_optimizer reads only the rate
       if steps_per_epoch is None:
         ocfg.schedule = "constant"
       else:
