@@ -9,7 +9,7 @@ import pytest
 
 import data_fixtures as fx
 from configs import (cal_resnet50_cub, cal_resnet101_aircraft, cal_resnet101_cars,
-                     cal_resnet101_cub)
+                     cal_resnet101_cub, cal_resnet101_dogs)
 from fgjax import losses, methods, models
 from fgjax.models import cal as cal_lib
 from fgjax.train import logs, trainer
@@ -29,21 +29,28 @@ def _init(model, img=64, batch=2, seed=0):
   return x, dict(v)
 
 
-def test_shapes_and_multiview_eval():
-  model = _small()
+def test_shapes_and_test_views():
+  model = _small(test_views="two")
   x, v = _init(model)
   assert v["centers"]["feature_center"].shape == (5, 4 * 64)
   assert set(v["params"]) == {"backbone", "attention_conv", "attention_bn", "fc"}
   assert "bias" not in v["params"]["fc"]
   logits, aux = model.apply(v, x)
   assert logits.shape == (2, 5)
-  assert aux["attention_maps"].shape == (2, 2, 2, 4)
+  # Output stride 16 (layer4 at stride 1, as the reference): 4 x 4 maps at 64 px.
+  assert aux["attention_maps"].shape == (2, 4, 4, 4)
   assert aux["features"].shape == (2, 256)
   np.testing.assert_allclose(np.linalg.norm(aux["features"], axis=-1), 1.0, atol=1e-5)
-  np.testing.assert_allclose(logits, (aux["raw_logits"] + aux["crop_logits"]) / 2, atol=1e-6)
-  single, aux1 = models.create("cal_resnet18", 5, img_size=64, num_attentions=4,
-                               widths=(8, 16, 32, 64), multiview=False).apply(v, x)
+  assert aux["view_logits"].shape == (2, 2, 5)
+  np.testing.assert_allclose(logits, aux["view_logits"].mean(0), atol=1e-6)
+  np.testing.assert_allclose(aux["view_logits"][0], aux["raw_logits"], atol=1e-6)
+  single, aux1 = _small(test_views="raw").apply(v, x)
   np.testing.assert_allclose(single, aux["raw_logits"], atol=1e-6)
+  # output_stride=32 gives torchvision's layer4 (2 x 2 here) with the same parameters.
+  _, aux32 = _small(test_views="raw", output_stride=32).apply(v, x)
+  assert aux32["attention_maps"].shape == (2, 2, 2, 4)
+  with pytest.raises(ValueError, match="test_views"):
+    _small(test_views="nine").apply(v, x)
   # Inference needs no centres (e.g. a converted checkpoint); ResNet-101 has 2048 channels.
   model.apply({"params": v["params"], "batch_stats": v["batch_stats"]}, x)
   big = models.create("cal_resnet101", 200, img_size=64)
@@ -51,6 +58,35 @@ def test_shapes_and_multiview_eval():
                                            jnp.zeros((1, 64, 64, 3))))
   assert shapes["centers"]["feature_center"].shape == (200, 32 * 2048)
   assert shapes["params"]["fc"]["kernel"].shape == (32 * 2048, 200)
+
+
+def test_eight_view_test_is_the_references_infer():
+  """The default test: raoyongming/CAL `infer.py`'s eight views, rebuilt here from single-view
+  applications and the reference's own crop algorithm (torch)."""
+  model = _small()
+  assert model.test_views == "eight"
+  x, v = _init(model, batch=3, seed=2)
+  logits, aux = model.apply(v, x)
+  raw = _small(test_views="raw")
+  want, want_effect, views = 0.0, 0.0, []
+  for img in (np.asarray(x), np.asarray(x)[:, :, ::-1].copy()):
+    y_raw, a = raw.apply(v, img)
+    mean_map = np.asarray(a["attention_maps"]).mean(-1)
+    per = [(y_raw, a["effect_logits"])]
+    for theta, pad in ((0.3, 0.1), (0.2, 0.1), (0.1, 0.05)):
+      crops, _ = _reference_augment(img, mean_map, "crop", [theta] * 3, pad)
+      y_c, a_c = raw.apply(v, crops)
+      per.append((y_c, a_c["effect_logits"]))
+    views += [p[0] for p in per]
+    want = want + sum(p[0] for p in per) / 4 / 2
+    want_effect = want_effect + sum(p[1] for p in per) / 4 / 2
+  np.testing.assert_allclose(aux["view_logits"], np.stack(views), atol=2e-4)
+  np.testing.assert_allclose(logits, want, atol=2e-4)
+  np.testing.assert_allclose(aux["effect_logits"], want_effect, atol=2e-4)
+  # The training pass sees the raw view only.
+  (y_train, _), _ = model.apply(v, x, train=True, rngs={"dropout": jax.random.key(0)},
+                                mutable=["batch_stats"])
+  assert y_train.shape == (3, 5)
 
 
 def test_bilinear_attention_pooling_and_counterfactual_features():
@@ -64,8 +100,7 @@ def test_bilinear_attention_pooling_and_counterfactual_features():
   # Effect logits = fc(100 f) - fc(100 f'), f' pooled with all-ones maps at test time.
   model = _small()
   x, v = _init(model)
-  _, aux = models.create("cal_resnet18", 5, img_size=64, num_attentions=4,
-                         widths=(8, 16, 32, 64), multiview=False).apply(v, x)
+  _, aux = _small(test_views="raw").apply(v, x)
   w = np.asarray(v["params"]["fc"]["kernel"])
   f_cf = np.asarray(aux["counterfactual_features"])
   feats = np.asarray(aux["stages"][-1])
@@ -159,12 +194,21 @@ def test_loss_terms_centre_update_and_map_sampling():
       m["ce_effect"], losses.cross_entropy(jnp.concatenate([aux["effect_logits"],
                                                             aa["effect_logits"]]),
                                            jnp.concatenate([y, y2])), rtol=1e-5)
-  # Centres: classes in the batch move by beta * f (twice for class 1), the others stay 0.
+  # Centres: classes in the batch move by beta * f, the others stay 0. Class 1 has two images:
+  # one write lands (the reference's indexed assignment), the last image's.
   c = np.asarray(new["centers"]["feature_center"])
   f = np.asarray(aux["features"])
   np.testing.assert_allclose(c[0], 0.05 * f[0], atol=1e-6)
-  np.testing.assert_allclose(c[1], 0.05 * (f[1] + f[2]), atol=1e-6)
+  np.testing.assert_allclose(c[1], 0.05 * f[2], atol=1e-6)
   assert not c[2].any() and not c[4].any()
+  ref = torch.zeros(5, f.shape[1])  # the reference's own update, in torch
+  yt = torch.tensor(np.asarray(y))
+  ref[yt] += 0.05 * (torch.tensor(f) - F.normalize(ref[yt], dim=-1))
+  np.testing.assert_allclose(c, ref.numpy(), atol=1e-6)
+  cfg.cal.center_update = "sum"  # fgjax's other choice: every image adds its step
+  _, (_, summed) = methods.get_method(cfg, model, 5).loss(params, v, ctx)
+  np.testing.assert_allclose(summed["centers"]["feature_center"][1], 0.05 * (f[1] + f[2]),
+                             atol=1e-6)
   # Both passes update the BatchNorm statistics.
   assert not np.allclose(new["batch_stats"]["attention_bn"]["mean"],
                          v["batch_stats"]["attention_bn"]["mean"])
@@ -185,12 +229,17 @@ def test_config_errors():
   cfg.cal.crop_theta = (0.7, 0.2)
   with pytest.raises(ValueError, match="config.cal.crop_theta"):
     methods.get_method(cfg, _small(), 5)
+  cfg = _cal_config()
+  cfg.cal.center_update = "mean"
+  with pytest.raises(ValueError, match="config.cal.center_update"):
+    methods.get_method(cfg, _small(), 5)
 
 
 @pytest.mark.parametrize("module,maker", [
-    (cal_resnet101_cub, fx.make_fake_cub), (cal_resnet50_cub, fx.make_fake_cub),
+    (cal_resnet101_cub, fx.make_fake_cub), (cal_resnet101_dogs, fx.make_fake_dogs),
     (cal_resnet101_cars, fx.make_fake_cars), (cal_resnet101_aircraft, fx.make_fake_aircraft)])
 def test_quick_configs_train_one_step_on_fake_data(tmp_path, module, maker):
+  # (cal_resnet50_cub's quick run is cal_resnet101_cub's; its recipe is checked below.)
   fake, result = fx.train_quick_config(module, maker, tmp_path)
   test = result["test"]
   assert test["num_examples"] == len(fake.splits["test"])
@@ -208,6 +257,27 @@ def test_quick_configs_train_one_step_on_fake_data(tmp_path, module, maker):
     assert np.isfinite(out["test"]["top1"])
     row = logs.read_metrics(str(tmp_path / "student"))
     assert "teacher_agreement" in [r for r in row if r["split"] == "train"][-1]
+
+
+def test_recipes_follow_the_reference():
+  """The recipe elements raoyongming/CAL fixes (docs/fidelity.md)."""
+  for module, model in ((cal_resnet101_cub, "cal_resnet101"), (cal_resnet50_cub, "cal_resnet50"),
+                        (cal_resnet101_dogs, "cal_resnet101")):
+    c = module.get_config()
+    assert c.model.name == model and c.model.img_size == 448
+    assert (c.batch_size, c.optim.lr, c.optim.weight_decay, c.optim.no_decay) == \
+        (16, 1e-3, 1e-5, ())
+    assert c.cal.center_update == "last" and c.get("model").kwargs.get("test_views") is None
+  assert cal_resnet101_dogs.get_config().data.name == "stanford_dogs"
+  m = models.create("cal_resnet101", 200, img_size=448)
+  assert m.test_views == "eight" and m.backbone.output_stride == 16
+  shapes = jax.eval_shape(lambda: m.init({"params": jax.random.key(0)},
+                                         jnp.zeros((1, 448, 448, 3))))
+  assert shapes["batch_stats"]["attention_bn"]["mean"].shape == (32,)
+  out = jax.eval_shape(lambda v, x: m.apply(v, x, train=True, mutable=["batch_stats"],
+                                            rngs={"dropout": jax.random.key(0)}),
+                       shapes, jax.ShapeDtypeStruct((1, 448, 448, 3), jnp.float32))
+  assert out[0][1]["attention_maps"].shape == (1, 28, 28, 32)  # the reference's 28 x 28
 
 
 def test_exponential_schedule():

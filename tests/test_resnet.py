@@ -46,6 +46,48 @@ def test_logits_parity_with_timm(depth):
                                               (2, 4, 4, widths[2]), (2, 2, 2, widths[3])]
 
 
+@pytest.mark.parametrize("depth,output_stride", [(18, 8), (50, 16)])
+def test_dilated_output_stride_parity_with_timm(depth, output_stride):
+  """`output_stride` < 32 with dilation: timm's `output_stride` (stride moved into dilation)."""
+  torch.manual_seed(0)
+  ref = timm.create_model(f"resnet{depth}", pretrained=False, num_classes=0,
+                          output_stride=output_stride).eval()
+  variables, _ = convert.timm_resnet_to_variables(
+      {k: v.numpy() for k, v in ref.state_dict().items()})
+  model = resnet.ResNet(num_classes=0, depth=depth, img_size=64, output_stride=output_stride)
+  x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+  with torch.no_grad():
+    want = ref.forward_features(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
+  _, aux = jax.jit(lambda v, x: model.apply(v, x))(variables, x.transpose(0, 2, 3, 1))
+  assert aux["stages"][-1].shape[1:3] == (64 // output_stride,) * 2
+  np.testing.assert_allclose(np.asarray(aux["stages"][-1]), want, atol=1e-4, rtol=1e-4)
+
+
+def test_undilated_output_stride_16_is_the_cal_references_resnet():
+  """`dilate=False`: layer4 at stride 1 without dilation, as raoyongming/CAL's
+  `ResNet(stride=1)` (here torchvision's ResNet-50 with layer4's strides set to 1)."""
+  tv = pytest.importorskip("torchvision")
+  torch.manual_seed(0)
+  ref = tv.models.resnet50().eval()
+  ref.layer4[0].conv2.stride = (1, 1)
+  ref.layer4[0].downsample[0].stride = (1, 1)
+  variables, _ = convert.timm_resnet_to_variables(
+      {k: v.numpy() for k, v in ref.state_dict().items()})
+  model = models.create("resnet50", 1000, 64, output_stride=16, dilate=False)
+  x = np.random.default_rng(1).normal(size=(2, 3, 64, 64)).astype(np.float32)
+  with torch.no_grad():
+    want = ref(torch.from_numpy(x)).numpy()
+  logits, aux = jax.jit(lambda v, x: model.apply(v, x))(variables, x.transpose(0, 2, 3, 1))
+  assert aux["stages"][-1].shape == (2, 4, 4, 2048)
+  np.testing.assert_allclose(np.asarray(logits), want, atol=1e-4, rtol=1e-4)
+  # The cal_* models take this backbone by default (28 x 28 maps at 448).
+  cal = models.create("cal_resnet50", 10, img_size=448)
+  assert (cal.backbone.output_stride, cal.backbone.dilate) == (16, False)
+  with pytest.raises(ValueError, match="output_stride"):
+    models.create("resnet18", 3, 32, output_stride=4).init(jax.random.key(0),
+                                                          jnp.zeros((1, 32, 32, 3)))
+
+
 def test_train_mode_updates_batch_stats():
   model = models.create("resnet18", 3, 32)
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))

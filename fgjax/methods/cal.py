@@ -8,8 +8,13 @@ second batch (BatchNorm statistics updated by both passes), and
     L = CE(y_raw)/3 + CE([effect_raw, effect_aug]) + 2/3 CE(y_aug) + centre loss,
 centre loss = sum ||f - normalise(c_y)||^2 / B; then c_y += beta (f - normalise(c_y)) with
 beta = `config.cal.center_beta` (5e-2), the centres living in the model's `centers`
-collection. Evaluation: `top1` = the model's multi-view logits (raw + attention crop), also
-`raw_top1` and `effect_top1`. Visualisation: the mean attention map and the evaluation crop.
+collection. `config.cal.center_update`: "last" (the default, the reference's
+`feature_center[y] += ...`, an indexed assignment: with several images of one class in the
+batch, one write lands, here the last image's) or "sum" (every image of the class adds its
+step). The reference keeps one centre table per GPU, each updated from its own 4 images;
+fgjax keeps one table, updated from the global batch. Evaluation: `top1` = the model's test
+views (`model.kwargs.test_views`, by default the reference's eight views of `infer.py`), also
+`raw_top1` (the single raw view) and `effect_top1`. Visualisation: the mean attention map and the evaluation crop.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from fgjax.models import cal as cal_lib
 class CAL(Method):
   name = "cal"
   sections = {"cal": dict(center_beta=5e-2, crop_theta=(0.4, 0.6), drop_theta=(0.2, 0.5),
-                          crop_padding=0.1)}
+                          crop_padding=0.1, center_update="last")}
 
   def __init__(self, config, model, num_classes):
     super().__init__(config, model, num_classes)
@@ -36,6 +41,10 @@ class CAL(Method):
     self.crop_theta = tuple(float(t) for t in ccfg["crop_theta"])
     self.drop_theta = tuple(float(t) for t in ccfg["drop_theta"])
     self.crop_padding = float(ccfg["crop_padding"])
+    self.center_update = str(ccfg["center_update"])
+    if self.center_update not in ("last", "sum"):
+      raise ValueError(f"config.cal.center_update must be 'last' or 'sum', "
+                       f"got {self.center_update!r}")
     for key, t in (("crop_theta", self.crop_theta), ("drop_theta", self.drop_theta)):
       if len(t) != 2 or not 0.0 <= t[0] <= t[1] <= 1.0:
         raise ValueError(f"config.cal.{key} must be (low, high) with 0 <= low <= high <= 1, "
@@ -81,8 +90,12 @@ class CAL(Method):
     center = jnp.sum((f - c_y) ** 2) / f.shape[0]
     loss = ce_raw / 3.0 + ce_effect + ce_aug * 2.0 / 3.0 + center
     new_vars = dict(new_vars)
-    new_vars["centers"] = {"feature_center": centers.at[y].add(
-        self.center_beta * (jax.lax.stop_gradient(f) - c_y))}
+    step = self.center_beta * (jax.lax.stop_gradient(f) - c_y)
+    if self.center_update == "last":  # one write per class: the class's last image in the batch
+      later = (y[None, :] == y[:, None]) & (jnp.arange(y.shape[0])[None, :]
+                                            > jnp.arange(y.shape[0])[:, None])
+      step = jnp.where(later.any(axis=1)[:, None], 0.0, step)
+    new_vars["centers"] = {"feature_center": centers.at[y].add(step)}
     metrics = {"loss": loss, "ce_raw": ce_raw, "ce_effect": ce_effect, "ce_aug": ce_aug,
                "center": center, "accuracy": (jnp.argmax(logits, -1) == y).mean(),
                "aug_accuracy": (jnp.argmax(logits_aug, -1) == y2).mean()}

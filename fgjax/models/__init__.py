@@ -98,11 +98,12 @@ for _depth in (11, 13, 16, 19):
   register(f"vgg{_depth}_bn")(_vgg_factory(_depth, True))
 
 
-def _resnet_backbone(depth: int, img_size, dtype, widths=None):
+def _resnet_backbone(depth: int, img_size, dtype, widths=None, **resnet_kw):
   """A ResNet without its classifier (the stage maps in aux) -> (module, dtype kwargs)."""
   dt = {} if dtype is None else {"dtype": dtype}
   rk = {} if widths is None else {"widths": tuple(widths)}
-  return resnet.ResNet(num_classes=0, depth=depth, img_size=img_size, **rk, **dt), dt
+  return resnet.ResNet(num_classes=0, depth=depth, img_size=img_size, **rk, **resnet_kw,
+                       **dt), dt
 
 
 def _pmg_resnet_factory(depth: int):
@@ -159,9 +160,13 @@ def _pmg_cnn_small(num_classes: int, img_size=64, dtype=None, widths=(16, 32, 64
 
 
 def _cal_resnet_factory(depth: int):
-  """CAL (WS-DAN + counterfactual attention, spec section 4) on a ResNet's layer4."""
-  def make(num_classes: int, img_size=448, dtype=None, widths=None, **kw):
-    backbone, dt = _resnet_backbone(depth, img_size, dtype, widths)
+  """CAL (WS-DAN + counterfactual attention, spec section 4) on a ResNet's layer4, at the
+  reference's output stride 16 (layer4 at stride 1, not dilated: 28 x 28 maps at 448);
+  `output_stride=32` gives torchvision's layer4 (14 x 14)."""
+  def make(num_classes: int, img_size=448, dtype=None, widths=None, output_stride=16,
+           dilate=False, **kw):
+    backbone, dt = _resnet_backbone(depth, img_size, dtype, widths,
+                                    output_stride=output_stride, dilate=dilate)
     return cal.CAL(num_classes=num_classes, backbone=backbone, **dt, **kw)
   return make
 

@@ -11,11 +11,16 @@ Reference: raoyongming/CAL `fgvc/models/cal.py` (WSDAN_CAL, BAP, batch_augment) 
 - Counterfactual attention: the same pooling with random maps A' ~ U(0, 2) in training and
   A' = 1 at test time; counterfactual features f'.
 - Logits: fc(100 f) (a linear layer without bias), effect logits fc(100 f) - fc(100 f').
-- Test (`multiview=True`, the default): the logits average the raw view and a second view
-  cropped around the mean attention map (threshold 0.1 of its maximum, padding 5%), as the
-  reference's `validate`. Train: the raw view only (the method makes the augmented views).
+- Test views (`test_views`; train: the raw view only, the method makes the augmented views):
+  "eight" (the default; the reference's `infer.py`, where the paper's numbers come from): the
+  image and its horizontal flip, each as the raw view and three crops around that view's mean
+  attention map (threshold 0.3 of its maximum with padding 10%, 0.2 with 10%, 0.1 with 5%);
+  the logits (and effect logits) are the mean of the eight. "two": the raw view and the crop
+  at 0.1 / 5% (the reference's `validate` during training). "raw": the raw view alone.
 
 `__call__(images, train=False)` returns `(logits, aux)`: aux["raw_logits"] (single view),
+aux["view_logits"] ((V, B, C), every test view, in the order above: raw, crops; then the flip's),
+aux["crop_boxes"] ((B, 4), the 0.1-threshold crop of the unflipped image; not with "raw"),
 aux["effect_logits"], aux["features"] (f, (B, M C)), aux["counterfactual_features"],
 aux["attention_maps"] ((B, h, w, M)), aux["stages"] (the backbone's). The class centres of the
 centre loss live in the `centers` collection (`feature_center`, (num_classes, M C)), updated by
@@ -34,6 +39,10 @@ import jax.numpy as jnp
 
 Dtype = Any
 EPSILON = 1e-6
+
+# The test-time crops (threshold of the map's maximum, padding ratio) of each test-view preset.
+TEST_VIEW_CROPS = {"raw": (), "two": ((0.1, 0.05),),
+                   "eight": ((0.3, 0.1), (0.2, 0.1), (0.1, 0.05))}
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -143,9 +152,7 @@ class CAL(nn.Module):
   num_classes: int
   backbone: nn.Module  # a CNN whose aux["stages"][-1] is the map to pool (its `feature_dim`)
   num_attentions: int = 32
-  multiview: bool = True
-  eval_crop_theta: float = 0.1
-  eval_crop_padding: float = 0.05
+  test_views: str = "eight"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -188,16 +195,37 @@ class CAL(nn.Module):
 
   def __call__(self, images, *, train: bool = False, return_attention: bool = False):
     del return_attention  # uniform model interface; CAL's maps are always in aux
-    logits, effect, f, f_cf, att, baux = self.view(images, train)
-    aux = {"raw_logits": logits, "effect_logits": effect, "features": f,
-           "counterfactual_features": f_cf, "attention_maps": att, "stages": baux["stages"],
-           "pre_logits": f}
-    if not train and self.multiview:
-      crops, boxes = attention_crop(jax.lax.stop_gradient(images), att.mean(-1),
-                                    self.eval_crop_theta, self.eval_crop_padding)
-      logits_c, effect_c, *_ = self.view(crops, False)
-      logits = (logits + logits_c) / 2.0
-      aux["effect_logits"] = (effect + effect_c) / 2.0
-      aux["crop_logits"] = logits_c
-      aux["crop_boxes"] = boxes
-    return logits, aux
+    if self.test_views not in TEST_VIEW_CROPS:
+      raise ValueError(f"CAL test_views must be one of {sorted(TEST_VIEW_CROPS)}, "
+                       f"got {self.test_views!r}")
+    B = images.shape[0]
+    flip = not train and self.test_views == "eight"
+    x = jnp.concatenate([images, images[:, :, ::-1]]) if flip else images
+    logits, effect, f, f_cf, att, baux = self.view(x, train)
+    first = lambda a: a[:B]  # noqa: E731  (the unflipped images' rows)
+    aux = {"raw_logits": first(logits), "effect_logits": first(effect), "features": first(f),
+           "counterfactual_features": first(f_cf), "attention_maps": first(att),
+           "stages": [first(s) for s in baux["stages"]], "pre_logits": first(f)}
+    crops_spec = () if train else TEST_VIEW_CROPS[self.test_views]
+    if not crops_spec:
+      return aux["raw_logits"], aux
+    # Every crop of every (flipped) view through one more forward pass.
+    x = jax.lax.stop_gradient(x)
+    mean_map = att.mean(-1)
+    crops, boxes = [], []
+    for theta, padding in crops_spec:
+      c, b = attention_crop(x, mean_map, theta, padding)
+      crops.append(c)
+      boxes.append(b)
+    logits_c, effect_c, *_ = self.view(jnp.concatenate(crops), False)
+    n = x.shape[0]
+    raw_first = lambda a: a.reshape(-1, B, *a.shape[1:])  # noqa: E731  (V, B, ...)
+    views = [logits] + [logits_c[i * n:(i + 1) * n] for i in range(len(crops))]
+    effects = [effect] + [effect_c[i * n:(i + 1) * n] for i in range(len(crops))]
+    # Order: raw, crops of the image; then raw, crops of its flip (flip=True).
+    view_logits = jnp.stack([raw_first(v) for v in views], 1).reshape(-1, B, logits.shape[-1])
+    view_effects = jnp.stack([raw_first(v) for v in effects], 1).reshape(view_logits.shape)
+    aux["view_logits"] = view_logits
+    aux["effect_logits"] = view_effects.mean(0)
+    aux["crop_boxes"] = boxes[-1][:B]
+    return view_logits.mean(0), aux

@@ -12,6 +12,13 @@ features instead of logits): aux["stages"] = the outputs of layer1 ..
 layer4 (NHWC; 256/512/1024/2048 channels for ResNet-50), aux["pre_logits"] = the globally
 average-pooled last map.
 
+`output_stride` (32, 16 or 8): the stride of the last map. Below 32 the last stage(s) run at
+stride 1; with `dilate=True` (timm's `output_stride`) their 3x3 convs are dilated by the
+stride they lost, which keeps the receptive field (a stage's first block keeps the previous
+dilation on its strided conv, as timm); with `dilate=False` the stride is simply dropped (the
+CAL reference's `ResNet(stride=1)`: layer4 at stride 1, no dilation, 28 x 28 maps at 448). The
+parameters are the same either way, so an ImageNet checkpoint loads into any output stride.
+
 Parameter names mirror timm's state dict (`fgjax.convert.timm_resnet_to_variables`):
   conv1, bn1, layer{1-4}_{j}/{conv1,bn1,conv2,bn2[,conv3,bn3][,downsample_conv,downsample_bn]}, fc.
 """
@@ -33,10 +40,11 @@ DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
           50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
 
 
-def _conv(features, kernel, stride, dtype, param_dtype, name):
-  pad = kernel // 2
+def _conv(features, kernel, stride, dtype, param_dtype, name, dilation=1):
+  pad = dilation * (kernel // 2)
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
+                 padding=((pad, pad), (pad, pad)), kernel_dilation=(dilation, dilation),
+                 use_bias=False, dtype=dtype,
                  param_dtype=param_dtype, kernel_init=_conv_init, name=name)
 
 
@@ -47,10 +55,13 @@ def _bn(dtype, param_dtype, name, zero_scale=False):
 
 
 class Block(nn.Module):
-  """A basic (two 3x3) or bottleneck (1x1, 3x3 with the stride, 1x1 x4) residual block."""
+  """A basic (two 3x3) or bottleneck (1x1, 3x3 with the stride, 1x1 x4) residual block;
+  `first_dilation` dilates the block's first 3x3 conv, `dilation` a basic block's second."""
   kind: str
   width: int
   stride: int = 1
+  dilation: int = 1
+  first_dilation: int = 1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -60,15 +71,15 @@ class Block(nn.Module):
     d, p = self.dtype, self.param_dtype
     if self.kind == "basic":
       out_ch = self.width
-      y = _conv(self.width, 3, self.stride, d, p, "conv1")(x)
+      y = _conv(self.width, 3, self.stride, d, p, "conv1", self.first_dilation)(x)
       y = nn.relu(_bn(d, p, "bn1")(y, use_running_average=ura))
-      y = _conv(self.width, 3, 1, d, p, "conv2")(y)
+      y = _conv(self.width, 3, 1, d, p, "conv2", self.dilation)(y)
       y = _bn(d, p, "bn2")(y, use_running_average=ura)
     else:
       out_ch = self.width * 4
       y = _conv(self.width, 1, 1, d, p, "conv1")(x)
       y = nn.relu(_bn(d, p, "bn1")(y, use_running_average=ura))
-      y = _conv(self.width, 3, self.stride, d, p, "conv2")(y)
+      y = _conv(self.width, 3, self.stride, d, p, "conv2", self.first_dilation)(y)
       y = nn.relu(_bn(d, p, "bn2")(y, use_running_average=ura))
       y = _conv(out_ch, 1, 1, d, p, "conv3")(y)
       y = _bn(d, p, "bn3")(y, use_running_average=ura)
@@ -84,8 +95,26 @@ class ResNet(nn.Module):
   depth: int = 50
   img_size: int = 224
   widths: Sequence[int] = (64, 128, 256, 512)
+  output_stride: int = 32
+  dilate: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+
+  def stage_strides(self) -> list[tuple[int, int, int]]:
+    """Per stage (stride, dilation, first-block dilation), as timm's `make_blocks`."""
+    if self.output_stride not in (8, 16, 32):
+      raise ValueError(f"ResNet output_stride must be 8, 16 or 32, got {self.output_stride}")
+    out, net_stride, dilation = [], 4, 1
+    for s in range(4):
+      stride, prev = (1 if s == 0 else 2), dilation
+      if net_stride >= self.output_stride:
+        if self.dilate:
+          dilation *= stride
+        stride = 1
+      else:
+        net_stride *= stride
+      out.append((stride, dilation, prev))
+    return out
 
   @property
   def feature_dim(self) -> int:
@@ -109,10 +138,11 @@ class ResNet(nn.Module):
     x = nn.relu(_bn(d, p, "bn1")(x, use_running_average=not train))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     stages = []
-    for s, (width, n) in enumerate(zip(self.widths, layers)):
+    for s, ((width, n), (stride, dil, first)) in enumerate(
+        zip(zip(self.widths, layers), self.stage_strides())):
       for j in range(n):
-        stride = 2 if (j == 0 and s > 0) else 1
-        x = Block(kind, width, stride, d, p, name=f"layer{s + 1}_{j}")(x, train)
+        x = Block(kind, width, stride if j == 0 else 1, dil, first if j == 0 else dil, d, p,
+                  name=f"layer{s + 1}_{j}")(x, train)
       stages.append(x)
     feat = x.astype(jnp.float32).mean(axis=(1, 2))
     aux = {"stages": stages, "pre_logits": feat}
