@@ -14,7 +14,8 @@ batch, one write lands, here the last image's) or "sum" (every image of the clas
 step). The reference keeps one centre table per GPU, each updated from its own 4 images;
 fgjax keeps one table, updated from the global batch. Evaluation: `top1` = the model's test
 views (`model.kwargs.test_views`, by default the reference's eight views of `infer.py`), also
-`raw_top1` (the single raw view) and `effect_top1`. Visualisation: the mean attention map and the evaluation crop.
+`raw_top1` (the single raw view) and `effect_top1`. Visualisation: the mean attention map and
+the evaluation crop.
 """
 from __future__ import annotations
 
@@ -92,9 +93,9 @@ class CAL(Method):
     new_vars = dict(new_vars)
     step = self.center_beta * (jax.lax.stop_gradient(f) - c_y)
     if self.center_update == "last":  # one write per class: the class's last image in the batch
-      later = (y[None, :] == y[:, None]) & (jnp.arange(y.shape[0])[None, :]
-                                            > jnp.arange(y.shape[0])[:, None])
-      step = jnp.where(later.any(axis=1)[:, None], 0.0, step)
+      rows = jnp.arange(y.shape[0])
+      last = jnp.full(centers.shape[0], -1).at[y].max(rows)
+      step = jnp.where((last[y] == rows)[:, None], step, 0.0)
     new_vars["centers"] = {"feature_center": centers.at[y].add(step)}
     metrics = {"loss": loss, "ce_raw": ce_raw, "ce_effect": ce_effect, "ce_aug": ce_aug,
                "center": center, "accuracy": (jnp.argmax(logits, -1) == y).mean(),

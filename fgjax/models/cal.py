@@ -212,20 +212,21 @@ class CAL(nn.Module):
     # Every crop of every (flipped) view through one more forward pass.
     x = jax.lax.stop_gradient(x)
     mean_map = att.mean(-1)
-    crops, boxes = [], []
+    crops = []
     for theta, padding in crops_spec:
-      c, b = attention_crop(x, mean_map, theta, padding)
+      c, boxes = attention_crop(x, mean_map, theta, padding)
       crops.append(c)
-      boxes.append(b)
     logits_c, effect_c, *_ = self.view(jnp.concatenate(crops), False)
-    n = x.shape[0]
-    raw_first = lambda a: a.reshape(-1, B, *a.shape[1:])  # noqa: E731  (V, B, ...)
-    views = [logits] + [logits_c[i * n:(i + 1) * n] for i in range(len(crops))]
-    effects = [effect] + [effect_c[i * n:(i + 1) * n] for i in range(len(crops))]
-    # Order: raw, crops of the image; then raw, crops of its flip (flip=True).
-    view_logits = jnp.stack([raw_first(v) for v in views], 1).reshape(-1, B, logits.shape[-1])
-    view_effects = jnp.stack([raw_first(v) for v in effects], 1).reshape(view_logits.shape)
+
+    def per_view(raw, cropped):
+      """(F B, C) raw and (K F B, C) crop rows -> (F (1 + K), B, C) views, ordered raw, crops
+      of the image, then raw, crops of its flip."""
+      v = jnp.concatenate([raw[None], cropped.reshape(len(crops), *raw.shape)])
+      v = v.reshape(v.shape[0], -1, B, v.shape[-1])  # (1 + K, F, B, C)
+      return v.transpose(1, 0, 2, 3).reshape(-1, B, v.shape[-1])
+
+    view_logits = per_view(logits, logits_c)
     aux["view_logits"] = view_logits
-    aux["effect_logits"] = view_effects.mean(0)
-    aux["crop_boxes"] = boxes[-1][:B]
+    aux["effect_logits"] = per_view(effect, effect_c).mean(0)
+    aux["crop_boxes"] = boxes[:B]  # the last crop's: threshold 0.1
     return view_logits.mean(0), aux
