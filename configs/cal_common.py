@@ -47,6 +47,7 @@ def cal_config(arg, *, dataset: str, data_dir: str, backbone: str = "resnet101",
   c.optim.momentum = 0.9
   c.optim.weight_decay = 1e-5
   c.optim.no_decay = ()
+  c.optim.decay_1d = True  # the reference's SGD decays net.parameters(): BatchNorm, biases too
   c.optim.schedule = "exponential"
   c.optim.decay_every_epochs = 2
   c.optim.decay_rate = 0.9

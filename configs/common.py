@@ -44,7 +44,7 @@ def base_config(method: str = "classifier") -> ml_collections.ConfigDict:
       backend="opencv", draft_decode=True, worker_count=0, prefetch=2,
       skip_bad_images=False, source_kwargs={}, split_kwargs={},
       augment=dict(flip=True, sharpness=0.0, randaugment=None, autoaugment=False,
-                   color_jitter=(0.0, 0.0, 0.0))))
+                   color_jitter=(0.0, 0.0, 0.0), crop_padding=0)))
   c.batch_size = 64
   c.eval_batch_size = 64
   c.total_steps = None
@@ -54,7 +54,7 @@ def base_config(method: str = "classifier") -> ml_collections.ConfigDict:
       momentum=0.9, nesterov=False, clip_norm=0.0, schedule="cosine", warmup_steps=None,
       warmup_epochs=None, warmup_init_lr_factor=0.0, decay_every_steps=None,
       decay_every_epochs=None, decay_rate=0.1, end_lr_factor=0.0, backbone_lr_mult=1.0,
-      new_layers=("head.*",)))
+      new_layers=("head.*",), decay_1d=False))
   c.label_smoothing = 0.0
   c.ema_decay = 0.0
   c.log_every_steps = 50

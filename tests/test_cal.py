@@ -267,6 +267,7 @@ def test_recipes_follow_the_reference():
     assert c.model.name == model and c.model.img_size == 448
     assert (c.batch_size, c.optim.lr, c.optim.weight_decay, c.optim.no_decay) == \
         (16, 1e-3, 1e-5, ())
+    assert c.optim.decay_1d  # SGD(net.parameters(), weight_decay=1e-5): BatchNorm too
     assert c.cal.center_update == "last" and c.get("model").kwargs.get("test_views") is None
   assert cal_resnet101_dogs.get_config().data.name == "stanford_dogs"
   m = models.create("cal_resnet101", 200, img_size=448)

@@ -250,6 +250,28 @@ def test_optimizer_groups_and_schedules():
   assert float(updates["blocks_0"]["w"][0, 0]) == pytest.approx(-0.1)
 
 
+def test_weight_decay_mask_and_decay_1d():
+  """The default decays only matrices and kernels; `optim.decay_1d` decays biases and norm
+  scales too (torch.optim's weight_decay over net.parameters(), the PMG and CAL recipes)."""
+  import ml_collections
+  one = lambda *shape: np.ones(shape, np.float32)
+  params = {"conv": {"kernel": one(3, 3, 2, 4), "bias": one(4)}, "pos_embed": one(1, 5, 4),
+            "bn": {"scale": one(4)}}
+  flat = lambda t: {"/".join(str(getattr(k, "key", k)) for k in p): v
+                    for p, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+  assert flat(optim.decay_mask(("pos_embed",))(params)) == {
+      "bn/scale": False, "conv/bias": False, "conv/kernel": True, "pos_embed": False}
+  assert flat(optim.decay_mask(("pos_embed",), decay_1d=True)(params)) == {
+      "bn/scale": True, "conv/bias": True, "conv/kernel": True, "pos_embed": False}
+  cfg = ml_collections.ConfigDict(dict(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.5,
+                                       schedule="constant", no_decay=(), decay_1d=True))
+  tx, _ = optim.make_optimizer(cfg, params, 10)
+  zero = jax.tree.map(np.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  for v in jax.tree.leaves(updates):  # -lr * wd * p on every parameter
+    np.testing.assert_allclose(np.asarray(v), -0.05)
+
+
 def test_lr_base_batch_scales_the_rate_by_the_global_batch(caplog):
   """DeiT's rule: lr x global batch / lr_base_batch, on every group's schedule (the backbone's
   with its multiplier), logged; off (None or 0) leaves optim.lr; a bad value names the key."""

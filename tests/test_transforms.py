@@ -247,6 +247,33 @@ def test_train_crop_backends_draw_the_same_augmentation(seed):
   assert c.shape == (448, 448, 3) and c.dtype == np.uint8
 
 
+@pytest.mark.parametrize("backend", ["pil", "opencv"])
+def test_crop_padding_is_torchvisions_random_crop_padding(backend):
+  """PMG's `RandomCrop(448, padding=8)` after `Resize((550, 550))`, at the offsets fgjax drew
+  (torchvision's padded coordinates are fgjax's + 8): the black border where the window
+  passes the image, and the boxes moved with it."""
+  tv = pytest.importorskip("torchvision.transforms.functional")
+  img = _photo(h=120, w=150, seed=3)
+  kw = dict(image_size=64, resize_size=72, resize_mode="square", flip=False, crop_padding=8,
+            boxes={"object_box": np.array([0, 0, 150, 120], np.float32)}, backend=backend)
+  ref_resized = tv.resize(Image.fromarray(img), [72, 72])
+  offsets = set()
+  for seed in range(40):
+    out, boxes = transforms.train_crop(img, np.random.default_rng(seed), **kw)
+    rng = np.random.default_rng(seed)  # the draws train_crop made
+    ox, oy = int(rng.integers(-8, 72 - 64 + 9)), int(rng.integers(-8, 72 - 64 + 9))
+    offsets.add((ox < 0 or oy < 0, ox > 8 or oy > 8))
+    ref = np.asarray(tv.crop(tv.pad(ref_resized, 8), oy + 8, ox + 8, 64, 64))
+    # Within one level: windows inside the image take the fused resize-and-crop (PIL's box
+    # resize) or OpenCV's bilinear upsampling; torchvision resizes the whole image first.
+    assert np.abs(out.astype(int) - ref).max() <= 1, (seed, ox, oy)
+    expect = np.clip(np.array([-ox, -oy, 72 - ox, 72 - oy], np.float32), 0, 64)
+    np.testing.assert_allclose(boxes["object_box"], expect, atol=1e-4)
+  assert offsets >= {(True, False), (False, True)}  # both borders were drawn
+  with pytest.raises(ValueError, match="crop_padding"):
+    transforms.train_crop(img, np.random.default_rng(0), **dict(kw, crop_padding=-1))
+
+
 def test_backend_errors():
   with pytest.raises(ValueError, match="config.data.backend"):
     transforms.check_backend("torch")

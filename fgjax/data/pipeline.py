@@ -345,7 +345,8 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
                       interpolation: str = "bilinear", flip: bool = True,
                       sharpness: float = 0.0, sharpness_p: float = 0.5,
                       randaugment: Any = None, autoaugment: Any = False,
-                      color_jitter: Any = None, backend: str = "opencv", draft: bool = True,
+                      color_jitter: Any = None, crop_padding: int = 0,
+                      backend: str = "opencv", draft: bool = True,
                       host_normalize: bool = False,
                       max_parts: int | None = None, worker_count: int = 0, prefetch: int = 2,
                       threads: int | None = None, shard_index: int | None = None,
@@ -354,7 +355,8 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
 
   Transform: resize (shorter side to `resize_size`, default image_size * 8 / 7; or the whole
   image to resize_size^2 with `resize_mode="square"` / `square_resize=True`; `interpolation`
-  "bilinear" or "bicubic") -> random crop `image_size` -> horizontal flip (p=0.5, `flip`) ->
+  "bilinear" or "bicubic") -> random crop `image_size` (reaching `crop_padding` pixels past the
+  image, filled black, as torchvision's RandomCrop padding) -> horizontal flip (p=0.5, `flip`) ->
   sharpness (factor `sharpness`, p = `sharpness_p`; 0 = off) -> colour jitter (`color_jitter`
   = (brightness, contrast, saturation) as torchvision's ColorJitter) -> AutoAugment ImageNet policy
   (`autoaugment=True`) -> RandAugment (`randaugment`: N ops at magnitude 9, "N,M",
@@ -380,7 +382,8 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
                   shard_count=shard_count, flip=bool(flip), sharpness=float(sharpness or 0.0),
                   sharpness_p=float(sharpness_p), randaugment_ops=ra_ops,
                   randaugment_magnitude=ra_mag, autoaugment=bool(autoaugment),
-                  color_jitter=transforms.parse_color_jitter(color_jitter))
+                  color_jitter=transforms.parse_color_jitter(color_jitter),
+                  crop_padding=int(crop_padding or 0))
   ds = grain.MapDataset.range(_MAX_BATCHES).map(fn)
   return Loader(_finish(ds, worker_count, prefetch, threads),
                 element_spec=fn.spec(global_batch_size), normalize=normalize)

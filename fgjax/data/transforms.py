@@ -398,6 +398,9 @@ def _crop(img, resize_size, image_size, offset, mode, interpolation, backend):
   """Resize + crop -> (uint8 array, geom) on `backend` (module docstring: where OpenCV runs)."""
   w, h = _size_of(img)
   rw, rh = resized_size(w, h, resize_size, mode)
+  ox, oy = offset
+  if ox < 0 or oy < 0 or ox + image_size > rw or oy + image_size > rh:
+    return _padded_crop(img, (rw, rh), image_size, offset, interpolation, backend)
   if backend == "opencv" and interpolation == "bilinear" and rw >= w and rh >= h:
     if image_size > min(rw, rh):
       raise ValueError(f"image_size {image_size} is larger than the resized image {rw}x{rh} "
@@ -409,6 +412,27 @@ def _crop(img, resize_size, image_size, offset, mode, interpolation, backend):
     return arr[oy:oy + image_size, ox:ox + image_size], (rw / w, rh / h, ox, oy)
   crop, geom = resized_crop(_as_pil(img), resize_size, image_size, offset, mode, interpolation)
   return np.asarray(crop, np.uint8), geom
+
+
+def _padded_crop(img, resized, image_size, offset, interpolation, backend):
+  """A crop that reaches past the resized image (`crop_padding`): the whole image resized,
+  then the crop window on a black (zero) canvas, as torchvision's RandomCrop(padding=p)."""
+  w, h = _size_of(img)
+  rw, rh = resized
+  if backend == "opencv" and interpolation == "bilinear" and rw >= w and rh >= h:
+    arr = np.asarray(img, np.uint8)
+    if (rw, rh) != (w, h):
+      arr = opencv().resize(arr, (rw, rh), interpolation=opencv().INTER_LINEAR)
+  else:
+    arr = np.asarray(_as_pil(img).resize((rw, rh), resample_filter(interpolation),
+                                         reducing_gap=None), np.uint8)
+  ox, oy = offset
+  out = np.zeros((image_size, image_size, arr.shape[2]), np.uint8)
+  x0, y0 = max(ox, 0), max(oy, 0)
+  x1, y1 = min(ox + image_size, rw), min(oy + image_size, rh)
+  if x1 > x0 and y1 > y0:
+    out[y0 - oy:y1 - oy, x0 - ox:x1 - ox] = arr[y0:y1, x0:x1]
+  return out, (rw / w, rh / h, ox, oy)
 
 
 def _flip(img, backend):
@@ -450,16 +474,21 @@ def train_crop(img, rng: np.random.Generator, *, image_size: int, resize_size: i
                sharpness_p: float = 0.5, randaugment_ops: int = 0,
                randaugment_magnitude: float = 9.0, autoaugment: bool = False,
                boxes: dict | None = None, interpolation: str = "bilinear",
-               color_jitter=(), backend: str = "opencv"):
+               color_jitter=(), backend: str = "opencv", crop_padding: int = 0):
   """The train augmentation (module docstring) -> (uint8 (S, S, 3) crop, transformed boxes).
   `img` is a uint8 (H, W, 3) array or a PIL image. The backends share this flow and differ
   only in the ops (`_crop`, `_flip`, `_sharpen`, `_jitter`), so they draw the same random
-  numbers and make the same crop, flip and factors."""
+  numbers and make the same crop, flip and factors. `crop_padding` p: the crop window may
+  reach p pixels past every side of the resized image, filled black (torchvision's
+  RandomCrop(size, padding=p), as PMG's reference)."""
   check_backend(backend)
   w, h = _size_of(img)
   rw, rh = resized_size(w, h, resize_size, resize_mode)
-  ox = int(rng.integers(0, rw - image_size + 1))
-  oy = int(rng.integers(0, rh - image_size + 1))
+  pad = int(crop_padding)
+  if pad < 0:
+    raise ValueError(f"config.data.augment.crop_padding must be >= 0, got {crop_padding}")
+  ox = int(rng.integers(-pad, rw - image_size + pad + 1))
+  oy = int(rng.integers(-pad, rh - image_size + pad + 1))
   crop, geom = _crop(img, resize_size, image_size, (ox, oy), resize_mode, interpolation,
                      backend)
   do_flip = bool(flip) and rng.random() < 0.5

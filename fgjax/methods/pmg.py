@@ -6,7 +6,9 @@ each its own forward, backward and update inside one jitted step, BatchNorm stat
 by each. Parameters a loss does not use get a zero gradient in that update (momentum and weight
 decay still apply to them, as with the reference's zeroed gradients). Evaluation reports the
 concat head (`top1`) and the sum of the four (`combined_top1`). Config section `pmg`:
-`jigsaw` (the S = 3 granularities), `concat_weight`.
+`jigsaw` (the S = 3 granularities), `concat_weight`, `jigsaw_permutation` ("cycle": the
+reference's, every cell moves; "uniform": any permutation) and `jigsaw_per_image` (False: one
+puzzle order for the batch, as the reference; fgjax.jigsaw).
 """
 from __future__ import annotations
 
@@ -14,14 +16,15 @@ import jax
 import jax.numpy as jnp
 
 from fgjax import losses
-from fgjax.jigsaw import check_jigsaw_size, jigsaw
+from fgjax.jigsaw import PERMUTATIONS, check_jigsaw_size, jigsaw
 from fgjax.methods.base import Method, Phase, Update
 from fgjax.models import pmg as pmg_model
 
 
 class PMG(Method):
   name = "pmg"
-  sections = {"pmg": dict(jigsaw=(8, 4, 2), concat_weight=2.0)}
+  sections = {"pmg": dict(jigsaw=(8, 4, 2), concat_weight=2.0, jigsaw_permutation="cycle",
+                          jigsaw_per_image=False)}
 
   def __init__(self, config, model, num_classes):
     super().__init__(config, model, num_classes)
@@ -31,6 +34,11 @@ class PMG(Method):
     pcfg = self.section("pmg")
     self.granularities = tuple(int(n) for n in pcfg["jigsaw"])
     self.concat_weight = float(pcfg["concat_weight"])
+    self.permutation = str(pcfg["jigsaw_permutation"])
+    self.per_image = bool(pcfg["jigsaw_per_image"])
+    if self.permutation not in PERMUTATIONS:
+      raise ValueError(f"config.pmg.jigsaw_permutation must be one of {PERMUTATIONS}, got "
+                       f"{self.permutation!r}")
     if len(self.granularities) != 3:
       raise ValueError(f"config.pmg.jigsaw must give 3 granularities (one per stage head), got "
                        f"{self.granularities}")
@@ -47,7 +55,8 @@ class PMG(Method):
     """The update of stage head k on n x n jigsaw puzzles of the batch."""
     def fn(params, extra, ctx):
       r_jig, r_drop = jax.random.split(ctx.rng)
-      x = jigsaw(ctx.batch["image"], n, r_jig, patch_size=self.patch_size)
+      x = jigsaw(ctx.batch["image"], n, r_jig, patch_size=self.patch_size,
+                 permutation=self.permutation, per_image=self.per_image)
       _, aux, new = self.apply_train(params, extra, x, rng=r_drop)
       loss = losses.cross_entropy(aux["stage_logits"][k], ctx.batch["label"],
                                   self.label_smoothing)

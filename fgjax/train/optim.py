@@ -8,8 +8,10 @@ Config keys (`config.optim`):
   backbone_lr_mult: the backbone's rate is `lr * backbone_lr_mult` (e.g. 0.1 for PMG)
   new_layers: regular expressions (full match on 'a/b/c' parameter paths) that form the
     "new layers" group; everything else is the backbone
-  weight_decay: decoupled weight decay; not applied to biases, norms, tokens and position
-    embeddings (1-D parameters and names in `no_decay`)
+  weight_decay: weight decay (decoupled for AdamW, added to the gradient for SGD); not
+    applied to biases, norms, tokens and position embeddings (1-D parameters and names in
+    `no_decay`) unless `decay_1d=True`, which decays the 1-D parameters too (torch.optim over
+    `net.parameters()`, as the PMG and CAL references)
   b1, b2, eps (Adam), momentum, nesterov (SGD)
   clip_norm: global gradient-norm clipping (0 = off)
   schedule: "cosine" | "step" | "exponential" | "linear" | "constant", always after a linear
@@ -72,12 +74,14 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def decay_mask(no_decay: Sequence[str] = ()) -> Callable[[Any], Any]:
+def decay_mask(no_decay: Sequence[str] = (), decay_1d: bool = False) -> Callable[[Any], Any]:
   """Weight-decay mask as a callable (works inside `optax.multi_transform`, whose masked
-  trees hide the other group's leaves): decay only >1-D parameters not named in `no_decay`."""
+  trees hide the other group's leaves): decay the parameters not named in `no_decay` that are
+  >1-D (all of them with `decay_1d`)."""
   def mask(params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, v: bool(v.ndim > 1 and not _match(no_decay, _path_str(path))), params)
+        lambda path, v: bool((decay_1d or v.ndim > 1)
+                             and not _match(no_decay, _path_str(path))), params)
   return mask
 
 
@@ -105,7 +109,7 @@ def make_optimizer(config, params, total_steps: int):
   mult = float(config.get("backbone_lr_mult", 1.0))
   new_layers = tuple(config.get("new_layers", ("head.*",)))
   no_decay = tuple(config.get("no_decay", ("cls_token", "dist_token", "pos_embed")))
-  mask = decay_mask(no_decay)
+  mask = decay_mask(no_decay, bool(config.get("decay_1d", False)))
   schedules = {"new": make_schedule(config, lr, total_steps),
                "backbone": make_schedule(config, lr * mult, total_steps)}
   if mult == 1.0:
