@@ -96,11 +96,81 @@ def test_quick_config_trains_one_step_on_fake_cub(tmp_path):
   assert result["test"]["num_examples"] == len(fake.splits["test"])
   row = [r for r in logs.read_metrics(str(tmp_path / "w")) if r["split"] == "train"][-1]
   assert np.isfinite(row["loss"]) and row["con"] > 0
+
+
+def test_recipe_follows_the_reference():
+  """TACJu/TransFG's train.py launch and ViT-B_16 config (docs/fidelity.md)."""
+  from fgjax.train import setup
   full = transfg_cub.get_config()
   assert (full.optim.name, full.optim.lr, full.total_steps, full.batch_size) == \
-      ("sgd", 3e-2, 10_000, 16)
+      ("sgd", 3e-2, 10_000, 64)  # 4 GPUs x 16
+  assert setup.scaled_lr(full.optim, 64) == pytest.approx(3e-2)
+  assert setup.scaled_lr(full.optim, 16) == pytest.approx(7.5e-3)  # the documented scaling
+  assert (full.optim.warmup_steps, full.optim.clip_norm, full.optim.weight_decay) == \
+      (500, 1.0, 0.0)
   assert (full.data.resize_size, full.model.img_size, full.model.kwargs.patch_stride) == \
       (600, 448, 12)
+  assert (full.model.kwargs.drop_rate, full.model.kwargs.proj_drop_rate) == (0.1, 0.0)
+  assert full.transfg.part_layer_init == "random"
+
+
+def test_dropout_where_the_reference_has_it():
+  """drop_rate 0.1 with proj_drop_rate 0: dropout after the embeddings and in the MLPs, none
+  after the attention projection (the reference's Mlp and Embeddings dropout, its attention
+  dropouts at attention_dropout_rate 0)."""
+  import flax.linen as nn
+  model = models.create("transfg_tiny_patch16", 5, 64, depth=3, drop_rate=0.1,
+                        proj_drop_rate=0.0)
+  x = jnp.zeros((2, 64, 64, 3))
+  variables = model.init(jax.random.key(0), x)
+  rates = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Dropout):
+      rates["/".join(context.module.path)] = context.module.rate
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+  assert rates.pop("Dropout_0") == 0.1  # the embeddings
+  for i in range(3):
+    assert rates.pop(f"blocks_{i}/attn/Dropout_1") == 0.0
+    assert rates.pop(f"blocks_{i}/mlp/Dropout_0") == rates.pop(f"blocks_{i}/mlp/Dropout_1") == 0.1
+  assert not rates, rates
+  timm_like = models.create("transfg_tiny_patch16", 5, 64, depth=3, drop_rate=0.1)
+  assert timm_like.proj_drop_rate is None  # timm's rule: the projection drops at drop_rate
+
+
+@pytest.mark.parametrize("part_layer_init", ["random", "pretrained"])
+def test_part_layer_starts_fresh_and_the_part_norm_is_the_encoder_norm(tmp_path,
+                                                                        part_layer_init):
+  """The reference's load_from skips `part*` (the part layer stays at its initialisation) and
+  copies `Transformer/encoder_norm` into `part_norm`; "pretrained" is fgjax's former choice."""
+  timm = pytest.importorskip("timm")
+  from safetensors.numpy import save_file
+  torch.manual_seed(0)
+  ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=1000, depth=3)
+  sd = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
+  sd["norm.weight"] = sd["norm.weight"] + 0.5  # recognisable
+  save_file(sd, str(tmp_path / "vit.safetensors"))
+  cfg = transfg_cub.get_config("runlocal")
+  cfg.transfg = {"part_layer_init": part_layer_init}
+  model = models.create(cfg.model.name, 5, 64, **cfg.model.kwargs)
+  method = methods.get_method(cfg, model, 5)
+  params = method.load_pretrained(str(tmp_path / "vit.safetensors"))[""]["params"]
+  fresh = convert.init_params(model, 0)
+  np.testing.assert_array_equal(params["blocks_1"]["mlp"]["fc1"]["kernel"],
+                                sd["blocks.1.mlp.fc1.weight"].T)
+  np.testing.assert_array_equal(params["norm"]["scale"], sd["norm.weight"])  # part_norm
+  last = params["blocks_2"]["attn"]["qkv"]["kernel"]
+  if part_layer_init == "random":
+    np.testing.assert_array_equal(last, fresh["blocks_2"]["attn"]["qkv"]["kernel"])
+    assert not np.allclose(last, sd["blocks.2.attn.qkv.weight"].T)
+  else:
+    np.testing.assert_array_equal(last, sd["blocks.2.attn.qkv.weight"].T)
+  cfg.transfg = {"part_layer_init": "block11"}
+  with pytest.raises(ValueError, match="config.transfg.part_layer_init"):
+    methods.get_method(cfg, model, 5)
 
 
 @pytest.mark.slow

@@ -251,6 +251,7 @@ class Block(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention_impl: str = "auto"
   attention_chunk: Optional[int] = None
+  proj_drop_rate: Optional[float] = None  # dropout after the attention projection; None = drop_rate
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_attention: bool = False,
@@ -258,7 +259,8 @@ class Block(nn.Module):
     """-> (x, probs, qk): `Attention`'s probabilities and (q, k), None unless asked for."""
     norm = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
-    y, probs, qk = Attention(self.num_heads, self.attn_drop_rate, self.drop_rate, self.dtype,
+    proj_drop = self.drop_rate if self.proj_drop_rate is None else self.proj_drop_rate
+    y, probs, qk = Attention(self.num_heads, self.attn_drop_rate, proj_drop, self.dtype,
                              self.param_dtype, self.attention_impl, self.attention_chunk,
                              name="attn")(norm("norm1")(x), train=train,
                                           return_attention=return_attention,
@@ -338,6 +340,9 @@ class VisionTransformer(nn.Module):
   drop_rate: float = 0.0
   attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
+  # Dropout after each attention projection; None = drop_rate (timm). TransFG's reference
+  # drops after the embedding and in the MLPs only (0.1), not after the projection.
+  proj_drop_rate: Optional[float] = None
   head_zeroinit: bool = True
   # Region selection before the last block (TRS-DeiT spec section 2, TransFG section 3):
   # None = plain ViT/DeiT; "trs" = TRS-DeiT's four rollout vectors; "cls_row" = TransFG's
@@ -412,7 +417,8 @@ class VisionTransformer(nn.Module):
     block_cls = nn.remat(Block, static_argnums=(2, 3, 4)) if self.remat else Block
     return block_cls(self.num_heads, int(self.width * self.mlp_ratio), self.drop_rate,
                      self.attn_drop_rate, dpr, self.dtype, self.param_dtype,
-                     self.attention_impl, self.attention_chunk, name=f"blocks_{i}")
+                     self.attention_impl, self.attention_chunk, self.proj_drop_rate,
+                     name=f"blocks_{i}")
 
   def classify(self, x, aux: dict):
     """Final norm + heads on the prefix tokens of `x`; fills `aux`, returns logits."""
