@@ -530,6 +530,37 @@ def train_quick_config(module, maker, tmp_path, steps: int = 1):
   return fake, trainer.train_and_evaluate(cfg, str(tmp_path / "w"))
 
 
+def config_differences(module, other, arg=None) -> set:
+  """The flattened keys whose values differ between `module.get_config(arg)` and
+  `other.get_config(arg)`."""
+  def flat(d, prefix=""):
+    for k, v in d.items():
+      if isinstance(v, dict) and v:
+        yield from flat(v, f"{prefix}{k}.")
+      else:
+        yield f"{prefix}{k}", v
+  a = dict(flat(module.get_config(arg).to_dict()))
+  b = dict(flat(other.get_config(arg).to_dict()))
+  return {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+
+
+def check_config_reads_its_layout(module, maker, tmp_path, source: str):
+  """`module`'s quick config names the dataset `source`, and its train and test pipelines read
+  a fake dataset made by `maker` in that layout (3 classes, 4 images each)."""
+  from fgjax.train import setup
+  fake = maker(tmp_path / "data", num_classes=3, per_class=4)
+  cfg = module.get_config("runlocal")
+  assert cfg.data.name == source
+  cfg.data.data_dir = fake.data_dir
+  train, _, test = setup.get_sources(cfg)
+  assert train.num_classes == 3 and len(test) == len(fake.splits["test"])
+  size = int(cfg.model.img_size)
+  batch = next(iter(setup.make_train_iter(cfg, train)))
+  assert batch["image"].shape == (cfg.batch_size, size, size, 3)
+  batch = next(iter(setup.make_eval_iter(cfg, test)))
+  assert batch["image"].shape[1:] == (size, size, 3)
+
+
 def state_and_step(cfg, method, mesh, total_steps: int = 10, phase: int = 0):
   """(train state, step fn, optimizers) for `method` as the trainer builds them (one step per
   epoch for schedules, initialised from the example of `cfg`'s batch spec)."""

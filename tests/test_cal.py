@@ -235,28 +235,41 @@ def test_config_errors():
     methods.get_method(cfg, _small(), 5)
 
 
-@pytest.mark.parametrize("module,maker", [
-    (cal_resnet101_cub, fx.make_fake_cub), (cal_resnet101_dogs, fx.make_fake_dogs),
-    (cal_resnet101_cars, fx.make_fake_cars), (cal_resnet101_aircraft, fx.make_fake_aircraft)])
-def test_quick_configs_train_one_step_on_fake_data(tmp_path, module, maker):
+def test_dataset_configs_differ_from_cub_only_in_the_data():
+  """Dogs, Cars and Aircraft run CUB's recipe (the reference's one train script); only the
+  data keys differ, so the CUB quick run below covers their model and step."""
+  for module in (cal_resnet101_dogs, cal_resnet101_cars, cal_resnet101_aircraft):
+    for arg in (None, "runlocal"):
+      diff = fx.config_differences(module, cal_resnet101_cub, arg)
+      assert diff and all(k.startswith("data.") for k in diff), diff
+
+
+@pytest.mark.parametrize("module,maker,source", [
+    (cal_resnet101_dogs, fx.make_fake_dogs, "stanford_dogs"),
+    (cal_resnet101_cars, fx.make_fake_cars, "stanford_cars"),
+    (cal_resnet101_aircraft, fx.make_fake_aircraft, "fgvc_aircraft")])
+def test_dataset_configs_read_their_layouts(tmp_path, module, maker, source):
+  fx.check_config_reads_its_layout(module, maker, tmp_path, source)
+
+
+def test_quick_config_trains_one_step_on_fake_data(tmp_path):
   # (cal_resnet50_cub's quick run is cal_resnet101_cub's; its recipe is checked below.)
-  fake, result = fx.train_quick_config(module, maker, tmp_path)
+  fake, result = fx.train_quick_config(cal_resnet101_cub, fx.make_fake_cub, tmp_path)
   test = result["test"]
   assert test["num_examples"] == len(fake.splits["test"])
   assert {"top1", "raw_top1", "effect_top1"} <= set(test)
-  if module is cal_resnet101_cub:
-    # The trained CAL as the frozen online teacher of TRS-DeiT (restored with its centres and
-    # BatchNorm statistics, multi-view logits inside the student's jitted step).
-    from configs import trs_deit_cub
-    s = trs_deit_cub.get_config("runlocal")
-    s.data.data_dir = fake.data_dir
-    s.teacher.checkpoint = str(tmp_path / "w")
-    s.total_steps = 1
-    s.eval_every_steps = 1
-    out = trainer.train_and_evaluate(s, str(tmp_path / "student"))
-    assert np.isfinite(out["test"]["top1"])
-    row = logs.read_metrics(str(tmp_path / "student"))
-    assert "teacher_agreement" in [r for r in row if r["split"] == "train"][-1]
+  # The trained CAL as the frozen online teacher of TRS-DeiT (restored with its centres and
+  # BatchNorm statistics, multi-view logits inside the student's jitted step).
+  from configs import trs_deit_cub
+  s = trs_deit_cub.get_config("runlocal")
+  s.data.data_dir = fake.data_dir
+  s.teacher.checkpoint = str(tmp_path / "w")
+  s.total_steps = 1
+  s.eval_every_steps = 1
+  out = trainer.train_and_evaluate(s, str(tmp_path / "student"))
+  assert np.isfinite(out["test"]["top1"])
+  row = logs.read_metrics(str(tmp_path / "student"))
+  assert "teacher_agreement" in [r for r in row if r["split"] == "train"][-1]
 
 
 def test_recipes_follow_the_reference():

@@ -111,42 +111,18 @@ def test_recipes_follow_the_reference():
 def test_dataset_configs_differ_from_cub_only_in_the_data():
   """Cars and Aircraft run CUB's recipe (the reference's one train.py); only the data keys
   differ, so the CUB quick run below covers their model and step."""
-  flat = lambda c: dict(_flatten(c.to_dict()))
-  cub = flat(pmg_resnet50_cub.get_config())
   for module in (pmg_resnet50_cars, pmg_resnet50_aircraft):
     for arg in (None, "runlocal"):
-      other, base = flat(module.get_config(arg)), flat(pmg_resnet50_cub.get_config(arg))
-      diff = {k for k in set(other) | set(base) if other.get(k) != base.get(k)}
+      diff = fx.config_differences(module, pmg_resnet50_cub, arg)
       assert diff and all(k.startswith("data.") for k in diff), diff
-  assert cub["data.name"] == "cub"
-
-
-def _flatten(d, prefix=""):
-  for k, v in d.items():
-    if isinstance(v, dict) and v:
-      yield from _flatten(v, f"{prefix}{k}.")
-    else:
-      yield f"{prefix}{k}", v
 
 
 @pytest.mark.parametrize("module,maker,source", [
-    (pmg_resnet50_cub, fx.make_fake_cub, None),
+    (pmg_resnet50_cub, fx.make_fake_cub, "cub"),
     (pmg_resnet50_cars, fx.make_fake_cars, "stanford_cars"),
     (pmg_resnet50_aircraft, fx.make_fake_aircraft, "fgvc_aircraft")])
 def test_dataset_configs_read_their_layouts(tmp_path, module, maker, source):
-  """Each dataset config's train and test pipelines read a fake dataset in its layout (the
-  one-step training of the shared recipe is the CUB quick run)."""
-  fake = maker(tmp_path / "data", num_classes=3, per_class=4)
-  cfg = module.get_config("runlocal")
-  cfg.data.data_dir = fake.data_dir
-  if source:
-    assert cfg.data.name == source
-  train, _, test = setup.get_sources(cfg)
-  assert train.num_classes == 3 and len(test) == len(fake.splits["test"])
-  batch = next(iter(setup.make_train_iter(cfg, train)))
-  assert batch["image"].shape == (cfg.batch_size, 64, 64, 3)
-  batch = next(iter(setup.make_eval_iter(cfg, test)))
-  assert batch["image"].shape[1:] == (64, 64, 3)
+  fx.check_config_reads_its_layout(module, maker, tmp_path, source)
 
 
 @pytest.mark.parametrize("module,maker", [
