@@ -4,7 +4,7 @@ r"""TRS-DeiT on Stanford Cars: DeiT-B/16 @ 448, lr 3e-3, alpha 0.5, beta 0.4
   python run.py --config=configs/trs_deit_cars.py \
       --config.data.data_dir=/path/to/stanford_cars \
       --config.init_from=/path/to/deit_base_distilled_patch16_224-df68dfff.pth \
-      --config.teacher.predictions=runs/cal_cars/teacher_predictions.npz \
+      --config.teacher.checkpoint=runs/cal_resnet101_cars \
       --workdir=runs/trs_deit_cars
 
 Arguments (`--config=configs/trs_deit_cars.py:ARG`): `runlocal` (tiny quick run),

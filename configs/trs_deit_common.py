@@ -21,6 +21,11 @@ global batch of 8 (`batch_size = 8`), and `optim.lr_base_batch = 512` gives
 3e-3 x 8 / 512 = 4.69e-5 (CUB, Cars) and 5e-4 x 8 / 512 = 7.81e-6 (Dogs). Unscaled (`--config.optim.lr_base_batch=0`), 3e-3 is 64x higher,
 which AdamW fine-tuning of DeiT-B is unlikely to survive. On another batch the rule keeps the
 rate per image: `--config.batch_size=64` gives 3.75e-4.
+
+Teacher: DeiT computes the teacher's label online, on the same augmented view as the student
+(`teacher.checkpoint` = the teacher's workdir, the command in each config's docstring; the
+teacher then runs frozen in every step). `teacher.predictions` (a file of `--mode=
+export_teacher`, made on un-augmented images) is a cheaper approximation, not the recipe.
 """
 from __future__ import annotations
 
@@ -55,8 +60,9 @@ def trs_deit_config(arg, *, dataset: str, data_dir: str, lr: float, alpha: float
   c.optim.decay_every_epochs = 30
   c.optim.decay_rate = 0.1
   c.trs.alpha = alpha  # beta 0.4 is the method's default (fgjax/methods/trs_deit.py)
-  # c.teacher.checkpoint: an fgjax teacher workdir (CAL or TransFG), run frozen online;
-  # c.teacher.predictions: or its exported predictions (run.py --mode=export_teacher).
+  # c.teacher.checkpoint: an fgjax teacher workdir (CAL or TransFG), run frozen online on the
+  # augmented view (the recipe); c.teacher.predictions: or its exported predictions
+  # (run.py --mode=export_teacher), an approximation on un-augmented images.
   c.log_every_steps = 50
   c.eval_every_epochs = 10
   c.checkpoint_every_epochs = 1

@@ -4,7 +4,7 @@ r"""TRS-DeiT on CUB-200-2011: DeiT-B/16 @ 448, lr 3e-3, alpha 0.5, beta 0.4
   python run.py --config=configs/trs_deit_cub.py \
       --config.data.data_dir=/path/to/CUB_200_2011 \
       --config.init_from=/path/to/deit_base_distilled_patch16_224-df68dfff.pth \
-      --config.teacher.predictions=runs/cal_cub/teacher_predictions.npz \
+      --config.teacher.checkpoint=runs/cal_resnet101_cub \
       --workdir=runs/trs_deit_cub
 
 Arguments (`--config=configs/trs_deit_cub.py:ARG`): `runlocal` (tiny quick run),

@@ -4,7 +4,7 @@ r"""TRS-DeiT on Stanford Dogs: DeiT-B/16 @ 448, lr 5e-4, alpha 0.1, beta 0.4
   python run.py --config=configs/trs_deit_dogs.py \
       --config.data.data_dir=/path/to/stanford_dogs \
       --config.init_from=/path/to/deit_base_distilled_patch16_224-df68dfff.pth \
-      --config.teacher.predictions=runs/cal_dogs/teacher_predictions.npz \
+      --config.teacher.checkpoint=runs/cal_resnet101_dogs \
       --workdir=runs/trs_deit_dogs
 
 Arguments (`--config=configs/trs_deit_dogs.py:ARG`): `runlocal` (tiny quick run),

@@ -175,12 +175,18 @@ def test_part_layer_starts_fresh_and_the_part_norm_is_the_encoder_norm(tmp_path,
 
 @pytest.mark.slow
 def test_readme_distillation_recipe_on_fake_cub(tmp_path):
-  """The three commands of docs/training.md (teacher, export, student), with the quick variants."""
+  """The commands of docs/training.md (teacher, student with the online teacher; export,
+  student from the predictions), with the quick variants."""
   from test_run import _ok, _run
   fake = fx.make_fake_cub(tmp_path / "data", num_classes=3, per_class=4)
   data = f"--config.data.data_dir={fake.data_dir}"
   teacher, student = tmp_path / "transfg_cub", tmp_path / "trs_deit_cub"
   _ok(_run("--config=configs/transfg_cub.py:runlocal", data, f"--workdir={teacher}"))
+  online = tmp_path / "trs_deit_cub_online"
+  _ok(_run("--config=configs/trs_deit_cub.py:runlocal", data,
+           f"--config.teacher.checkpoint={teacher}", f"--workdir={online}"))
+  rows = [r for r in logs.read_metrics(str(online)) if r["split"] == "train"]
+  assert rows and "teacher_agreement" in rows[-1]
   _ok(_run("--mode=export_teacher", f"--workdir={teacher}"))
   preds = teacher / "teacher_predictions.npz"
   assert preds.exists()
