@@ -21,6 +21,14 @@ from einops import rearrange
 PERMUTATIONS = ("cycle", "uniform")
 
 
+def check_permutation(permutation: str) -> str:
+  """`permutation` if it is one of PERMUTATIONS, else a ValueError naming the config key."""
+  if permutation not in PERMUTATIONS:
+    raise ValueError(f"config.pmg.jigsaw_permutation must be one of {PERMUTATIONS}, got "
+                     f"{permutation!r}")
+  return permutation
+
+
 def check_jigsaw_size(height: int, width: int, n: int, patch_size: int | None = None):
   """Raises ValueError unless an (height, width) image splits into n x n whole cells (each a
   whole number of `patch_size` patches when given)."""
@@ -50,9 +58,7 @@ def reference_cycle(order: jax.Array) -> jax.Array:
 def permutations(rng: jax.Array, batch: int, n: int, *, permutation: str = "cycle",
                  per_image: bool = False) -> jax.Array:
   """(batch, n^2) int32: row b gives, for every output cell (row-major), its source cell."""
-  if permutation not in PERMUTATIONS:
-    raise ValueError(f"config.pmg.jigsaw_permutation must be one of {PERMUTATIONS}, got "
-                     f"{permutation!r}")
+  check_permutation(permutation)
   rows = batch if per_image else 1
   if permutation == "uniform":
     perm = jnp.argsort(jax.random.uniform(rng, (rows, n * n)), axis=1)

@@ -544,6 +544,15 @@ def config_differences(module, other, arg=None) -> set:
   return {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
 
 
+def check_only_data_differs(base, *modules):
+  """Each of `modules` runs `base`'s recipe: their configs (full and `runlocal`) differ from
+  base's only in `data.*` keys."""
+  for module in modules:
+    for arg in (None, "runlocal"):
+      diff = config_differences(module, base, arg)
+      assert diff and all(k.startswith("data.") for k in diff), (module.__name__, diff)
+
+
 def check_config_reads_its_layout(module, maker, tmp_path, source: str):
   """`module`'s quick config names the dataset `source`, and its train and test pipelines read
   a fake dataset made by `maker` in that layout (3 classes, 4 images each)."""

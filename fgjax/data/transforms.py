@@ -394,6 +394,20 @@ def _size_of(img):
   return img.size if isinstance(img, Image.Image) else (img.shape[1], img.shape[0])
 
 
+def _opencv_resizes(img, resized, interpolation, backend) -> bool:
+  """Whether OpenCV makes this resize (bilinear upsampling on the "opencv" backend)."""
+  w, h = _size_of(img)
+  return backend == "opencv" and interpolation == "bilinear" and resized[0] >= w \
+      and resized[1] >= h
+
+
+def _opencv_resize(img, resized):
+  arr = np.asarray(img, np.uint8)
+  if tuple(resized) != (arr.shape[1], arr.shape[0]):
+    arr = opencv().resize(arr, tuple(resized), interpolation=opencv().INTER_LINEAR)
+  return arr
+
+
 def _crop(img, resize_size, image_size, offset, mode, interpolation, backend):
   """Resize + crop -> (uint8 array, geom) on `backend` (module docstring: where OpenCV runs)."""
   w, h = _size_of(img)
@@ -401,14 +415,11 @@ def _crop(img, resize_size, image_size, offset, mode, interpolation, backend):
   ox, oy = offset
   if ox < 0 or oy < 0 or ox + image_size > rw or oy + image_size > rh:
     return _padded_crop(img, (rw, rh), image_size, offset, interpolation, backend)
-  if backend == "opencv" and interpolation == "bilinear" and rw >= w and rh >= h:
+  if _opencv_resizes(img, (rw, rh), interpolation, backend):
     if image_size > min(rw, rh):
       raise ValueError(f"image_size {image_size} is larger than the resized image {rw}x{rh} "
                        f"(config.data.resize_size={resize_size})")
-    arr = np.asarray(img, np.uint8)
-    if (rw, rh) != (w, h):
-      arr = opencv().resize(arr, (rw, rh), interpolation=opencv().INTER_LINEAR)
-    ox, oy = offset
+    arr = _opencv_resize(img, (rw, rh))
     return arr[oy:oy + image_size, ox:ox + image_size], (rw / w, rh / h, ox, oy)
   crop, geom = resized_crop(_as_pil(img), resize_size, image_size, offset, mode, interpolation)
   return np.asarray(crop, np.uint8), geom
@@ -419,10 +430,8 @@ def _padded_crop(img, resized, image_size, offset, interpolation, backend):
   then the crop window on a black (zero) canvas, as torchvision's RandomCrop(padding=p)."""
   w, h = _size_of(img)
   rw, rh = resized
-  if backend == "opencv" and interpolation == "bilinear" and rw >= w and rh >= h:
-    arr = np.asarray(img, np.uint8)
-    if (rw, rh) != (w, h):
-      arr = opencv().resize(arr, (rw, rh), interpolation=opencv().INTER_LINEAR)
+  if _opencv_resizes(img, resized, interpolation, backend):
+    arr = _opencv_resize(img, resized)
   else:
     arr = np.asarray(_as_pil(img).resize((rw, rh), resample_filter(interpolation),
                                          reducing_gap=None), np.uint8)

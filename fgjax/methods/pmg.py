@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from fgjax import losses
-from fgjax.jigsaw import PERMUTATIONS, check_jigsaw_size, jigsaw
+from fgjax.jigsaw import check_jigsaw_size, check_permutation, jigsaw
 from fgjax.methods.base import Method, Phase, Update
 from fgjax.models import pmg as pmg_model
 
@@ -34,11 +34,8 @@ class PMG(Method):
     pcfg = self.section("pmg")
     self.granularities = tuple(int(n) for n in pcfg["jigsaw"])
     self.concat_weight = float(pcfg["concat_weight"])
-    self.permutation = str(pcfg["jigsaw_permutation"])
+    self.permutation = check_permutation(str(pcfg["jigsaw_permutation"]))
     self.per_image = bool(pcfg["jigsaw_per_image"])
-    if self.permutation not in PERMUTATIONS:
-      raise ValueError(f"config.pmg.jigsaw_permutation must be one of {PERMUTATIONS}, got "
-                       f"{self.permutation!r}")
     if len(self.granularities) != 3:
       raise ValueError(f"config.pmg.jigsaw must give 3 granularities (one per stage head), got "
                        f"{self.granularities}")
