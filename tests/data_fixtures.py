@@ -134,6 +134,8 @@ class FakeDataset:
   splits: dict[str, list[tuple[int, int, str]]]
   boxes: dict[int, tuple[float, float, float, float]] = dataclasses.field(default_factory=dict)
   bad_ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+  # id -> (P, 3) x, y, visible as written to parts/part_locs.txt (CUB)
+  part_locs: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
 
   @property
   def num_classes(self) -> int:
@@ -154,18 +156,34 @@ def _box_for(i: int, size) -> tuple[float, float, float, float]:
 
 # ----------------------------------------------------------------------------- CUB / NABirds
 
+CUB_PARTS = ("back", "beak", "belly", "breast", "crown", "forehead", "left eye", "left leg",
+             "left wing", "nape", "right eye", "right leg", "right wing", "tail", "throat")
+
+
+def _part_locs_for(i: int, size) -> np.ndarray:
+  """(15, 3) x, y, visible: spread over the image, about a third not visible (0, 0, 0 as in
+  CUB's file)."""
+  w, h = size
+  j = np.arange(len(CUB_PARTS))
+  vis = ((i + j) % 3 != 0).astype(np.float32)
+  x = np.round((3 + 7 * j + 5 * i) % (w - 2) + 1.0)
+  y = np.round((2 + 5 * j + 3 * i) % (h - 2) + 1.0)
+  return np.stack([x * vis, y * vis, vis], 1).astype(np.float32)
+
+
 
 def make_fake_cub(root, num_classes: int = 3, per_class: int = 4, image_size=(50, 40),
                   image_kinds: Sequence[str] = ("jpeg",), bad: dict | None = None,
                   omit: Sequence[str] = ()) -> FakeDataset:
   """root/CUB_200_2011/ with images.txt, image_class_labels.txt, train_test_split.txt,
-  classes.txt, bounding_boxes.txt and images/<NNN.Class>/...; every other image of a class is
-  a test image. `bad` = {running index: kind} for bad files; `omit` = files not to write."""
+  classes.txt, bounding_boxes.txt, parts/parts.txt, parts/part_locs.txt and
+  images/<NNN.Class>/...; every other image of a class is a test image. `bad` = {running
+  index: kind} for bad files; `omit` = files not to write (e.g. "parts/part_locs.txt")."""
   base = os.path.join(os.fspath(root), "CUB_200_2011")
   names = [f"Class_{c + 1}_{'ABC'[c % 3]}ird" for c in range(num_classes)]
-  lines = {k: [] for k in ("images", "labels", "split", "boxes")}
+  lines = {k: [] for k in ("images", "labels", "split", "boxes", "locs")}
   splits = {"train": [], "test": []}
-  boxes, bad_ids = {}, {"train": [], "test": []}
+  boxes, bad_ids, part_locs = {}, {"train": [], "test": []}, {}
   i = 0
   for c in range(num_classes):
     for j in range(per_class):
@@ -182,17 +200,23 @@ def make_fake_cub(root, num_classes: int = 3, per_class: int = 4, image_size=(50
       split = "train" if train else "test"
       splits[split].append((img_id, c, os.path.join("images", rel)))
       boxes[img_id] = box
+      part_locs[img_id] = _part_locs_for(i, image_size)
+      lines["locs"] += [f"{img_id} {p + 1} {x:.1f} {y:.1f} {int(v)}"
+                        for p, (x, y, v) in enumerate(part_locs[img_id])]
       if kind in BAD_KINDS:
         bad_ids[split].append(img_id)
       i += 1
   files = {"images.txt": lines["images"], "image_class_labels.txt": lines["labels"],
            "train_test_split.txt": lines["split"], "bounding_boxes.txt": lines["boxes"],
-           "classes.txt": [f"{c + 1} {c + 1:03d}.{n}" for c, n in enumerate(names)]}
+           "classes.txt": [f"{c + 1} {c + 1:03d}.{n}" for c, n in enumerate(names)],
+           "parts/parts.txt": [f"{p + 1} {n}" for p, n in enumerate(CUB_PARTS)],
+           "parts/part_locs.txt": lines["locs"]}
+  os.makedirs(os.path.join(base, "parts"), exist_ok=True)
   for fname, rows in files.items():
     if fname not in omit:
       with open(os.path.join(base, fname), "w") as f:
         f.write("\n".join(rows) + "\n")
-  return FakeDataset("cub", base, base, names, splits, boxes, bad_ids)
+  return FakeDataset("cub", base, base, names, splits, boxes, bad_ids, part_locs)
 
 
 NABIRDS_CLASS_IDS = (295, 313, 1002, 47)  # sparse ids that have images (sorted: 47, 295, ...)

@@ -9,7 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import data_fixtures as fx
 from fgjax.data import (get_source, make_eval_loader, make_train_loader, normalize_batch,
-                        synthetic, to_global_batch)
+                        synthetic, to_global_batch, transforms)
 
 SIZE = 32
 
@@ -135,6 +135,33 @@ def test_real_jpeg_folder_through_the_train_loader(tmp_path):
   inside = box[:, 0] >= 0
   assert ((box[inside] >= 0) & (box[inside] <= SIZE)).all()
   assert set(batch["label"].tolist()) <= {0, 1, 2}
+
+
+def test_cub_part_locations_in_batches(tmp_path):
+  """`part_locs` (L, 15, 3) in eval and train batches: the eval rows are the record's points
+  through the centre crop; the train rows are visible inside the crop or (-1, -1, 0)."""
+  fake = fx.make_fake_cub(tmp_path, num_classes=3, per_class=4)
+  src = get_source("cub", "test", fake.data_dir)
+  loader = make_eval_loader(src, global_batch_size=4, image_size=SIZE, resize_size=36,
+                            threads=1)
+  assert loader.element_spec["part_locs"].shape == (4, 15, 3)
+  rows = 0
+  for batch in loader:
+    for k in np.flatnonzero(batch["mask"]):
+      i = src.ids.tolist().index(int(batch["id"][k]))
+      img, rec = src.get(i, min_size=36)
+      _, want = transforms.eval_crop(img, image_size=SIZE, resize_size=36,
+                                     boxes={"part_locs": rec["part_locs"]})
+      np.testing.assert_allclose(batch["part_locs"][k], want["part_locs"], atol=1e-5)
+      rows += 1
+  assert rows == len(src)
+  train = _train(get_source("cub", "train", fake.data_dir), batch=4)
+  assert train.element_spec["part_locs"].shape == (4, 15, 3)
+  locs = next(train)["part_locs"]
+  vis = locs[..., 2] > 0
+  assert vis.any() and (~vis).any()
+  assert ((locs[vis][:, :2] >= 0) & (locs[vis][:, :2] < SIZE)).all()
+  assert (locs[~vis] == (-1, -1, 0)).all()
 
 
 def test_bad_sizes_are_clear_errors():

@@ -47,6 +47,76 @@ def test_cub_layout_ids_labels_boxes(tmp_path):
   assert get_source("cub", "test", tmp_path).ids.tolist() == src_ids(fake, "test")
 
 
+def test_cub_part_locations(tmp_path):
+  """parts/parts.txt + parts/part_locs.txt -> source[i]["part_locs"] (15, 3): x, y, visible in
+  the stored image's pixels, in parts.txt's order; scaled with a draft (reduced) decode."""
+  fake = fx.make_fake_cub(tmp_path, num_classes=2, per_class=4, image_size=(400, 320))
+  for split in ("train", "test"):
+    src = get_source("cub", split, fake.data_dir)
+    assert src.part_names == list(fx.CUB_PARTS) and src.box_shapes["part_locs"] == (15, 3)
+    for i in range(len(src)):
+      ex = src[i]
+      assert ex["part_locs"].dtype == np.float32
+      np.testing.assert_array_equal(ex["part_locs"], fake.part_locs[ex["id"]])
+  assert 0 < (ex["part_locs"][:, 2] == 0).sum() < 15  # the fixture hides some parts
+  # left <-> right rows after a flip: eye 7 <-> 11, leg 8 <-> 12, wing 9 <-> 13 (1-based ids)
+  names = np.array(src.part_names)
+  assert [names[src.part_flip[k - 1]] for k in (7, 8, 9, 11, 2)] == \
+      ["right eye", "right leg", "right wing", "left eye", "beak"]
+  img, rec = src.get(0, min_size=100)  # JPEG draft decode at 1/2: 200 x 160
+  assert np.asarray(img).shape[:2] == (160, 200)
+  want = fake.part_locs[rec["id"]] * [0.5, 0.5, 1.0]
+  np.testing.assert_allclose(rec["part_locs"], want)
+  x, y, w, h = fake.boxes[rec["id"]]
+  np.testing.assert_allclose(rec["object_box"], np.multiply([x, y, x + w, y + h], 0.5))
+
+
+def test_cub_part_locations_stay_aligned_when_images_are_skipped(tmp_path):
+  fake = fx.make_fake_cub(tmp_path, num_classes=2, per_class=6, bad={0: "garbage"})
+  src = _quiet(lambda: get_source("cub", "train", fake.data_dir, skip_bad_images=True))
+  assert len(src) == len(fake.splits["train"]) - 1
+  for i in range(len(src)):
+    np.testing.assert_array_equal(src[i]["part_locs"], fake.part_locs[int(src.ids[i])])
+
+
+def test_cub_part_files_absent_one_missing_or_malformed(tmp_path):
+  fake = fx.make_fake_cub(tmp_path / "none", omit=("parts/parts.txt", "parts/part_locs.txt"))
+  src = get_source("cub", "train", fake.data_dir)
+  assert "part_locs" not in src[0] and "part_locs" not in src.box_shapes
+  assert src.part_flip is None
+  fake = fx.make_fake_cub(tmp_path / "one", omit=("parts/part_locs.txt",))
+  with pytest.raises(DatasetNotFoundError, match="part_locs.txt not found.*parts.txt is there"):
+    get_source("cub", "train", fake.data_dir)
+  fake = fx.make_fake_cub(tmp_path / "bad")
+  path = os.path.join(fake.root, "parts", "part_locs.txt")
+  lines = open(path).read().splitlines()
+  lines[6] = "3 16 10.0 12.0 1"  # no part 16 in parts.txt
+  open(path, "w").write("\n".join(lines) + "\n")
+  with pytest.raises(DatasetError, match=r"part_locs.txt line 7 .*'3 16 10.0 12.0 1'"):
+    get_source("cub", "train", fake.data_dir)
+
+
+def test_nabirds_part_locations_with_uuid_keys(tmp_path):
+  """NABirds shares CUB's parts/ files: uuid image keys, 0-based part ids, 11 parts."""
+  fake = fx.make_fake_nabirds(tmp_path)
+  parts = ["bill", "crown", "nape", "left eye", "right eye", "belly", "breast", "back", "tail",
+           "left wing", "right wing"]
+  keys = [line.split()[0] for line in open(os.path.join(fake.root, "images.txt"))]
+  os.makedirs(os.path.join(fake.root, "parts"))
+  with open(os.path.join(fake.root, "parts", "parts.txt"), "w") as f:
+    f.write("".join(f"{j} {n}\n" for j, n in enumerate(parts)))
+  with open(os.path.join(fake.root, "parts", "part_locs.txt"), "w") as f:
+    for pos, key in enumerate(keys):
+      f.write("".join(f"{key} {j} {pos + j} {2 * j} {int(j != 3)}\n" for j in range(11)))
+  src = get_source("nabirds", "train", fake.data_dir)
+  pos = int(src.ids[1])  # nabirds ids are positions in images.txt
+  locs = src[1]["part_locs"]
+  assert locs.shape == (11, 3) and src.part_names == parts
+  np.testing.assert_array_equal(locs[:, 0], pos + np.arange(11))
+  assert locs[3, 2] == 0 and locs[4, 2] == 1
+  assert src.part_flip[3] == 4 and src.part_flip[9] == 10 and src.part_flip[0] == 0
+
+
 def src_ids(fake, split):
   return [w[0] for w in fake.splits[split]]
 

@@ -211,6 +211,16 @@ def test_zoom_hits_and_their_chance_level():
   assert chance[2] == pytest.approx(15 / 80 * 25 / 80, abs=0.02)
   hit, _, has = racnn_method.zoom_hits(square, None, None, 100.0)
   assert not np.asarray(has).any()
+  # CUB part locations (x, y, visible): a hit = the square holds a visible point; they win
+  # over part boxes and the object box; hidden points never count.
+  locs = jnp.asarray([[[29, 13, 1], [0, 0, 0]], [[42, 42, 1], [15, 15, 0]],
+                      [[-1, -1, 0], [-1, -1, 0]]], jnp.float32)
+  hit, chance2, has = (np.asarray(a) for a in racnn_method.zoom_hits(
+      square, parts, obj, 100.0, part_locs=locs))
+  np.testing.assert_array_equal(hit, [1, 0, 1])  # the third: no visible part -> object box
+  assert has.tolist() == [True, True, True]
+  assert chance2[0] == pytest.approx(chance[0])  # the same point as the first part box centre
+  assert chance2[2] == pytest.approx(chance[2])
 
 
 def _method(**over):

@@ -122,6 +122,28 @@ def _quick(module, data_dir, **over):
   return cfg
 
 
+def part_hit_chance_on_test(cfg) -> float:
+  """The part-hit chance a ViT-family run of `cfg` must report on CUB's test split, recomputed
+  in numpy from the eval batches' `part_locs`: per example with a visible part, the share of
+  the model's patches [c*s, c*s+p) x [r*s, r*s+p) that contain one; the mean of those."""
+  from fgjax import models
+  from fgjax.train import setup
+  model = models.create(cfg.model.name, 3, int(cfg.model.img_size), **cfg.model.kwargs)
+  (gh, gw), p = model.grid, model.patch_size
+  s = model.patch_stride or p
+  x0 = np.tile(np.arange(gw) * s, gh)[:, None]
+  y0 = np.repeat(np.arange(gh) * s, gw)[:, None]
+  shares = []
+  for batch in setup.make_eval_iter(cfg, setup.get_source(cfg, "test")):
+    for locs, real in zip(batch["part_locs"], batch["mask"]):
+      vis = locs[:, 2] > 0
+      if real and vis.any():
+        x, y = locs[vis, 0][None], locs[vis, 1][None]
+        inside = (x >= x0) & (x < x0 + p) & (y >= y0) & (y < y0 + p)
+        shares.append(inside.any(1).mean())
+  return float(np.mean(shares))
+
+
 @pytest.mark.parametrize("name", ["cub", "cars", "dogs"])
 def test_quick_config_trains_one_step_on_fake_data(tmp_path, name):
   if name == "cub":
@@ -139,6 +161,11 @@ def test_quick_config_trains_one_step_on_fake_data(tmp_path, name):
   assert np.isfinite(test["top1"])
   rows = [r for r in logs.read_metrics(str(tmp_path / "w")) if r.get("split") == "train"]
   assert rows and np.isfinite(rows[-1]["loss"]) and rows[-1]["step"] == 1
+  if name == "cub":  # CUB's part locations: TRS's selected patches against chance
+    assert 0 <= test["part_hit_rate"] <= 1 and test["part_hit_chance"] > 0
+    assert test["part_hit_chance"] == pytest.approx(part_hit_chance_on_test(cfg), abs=1e-6)
+  else:
+    assert "part_hit_rate" not in test
 
 
 @pytest.mark.slow

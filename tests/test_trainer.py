@@ -220,6 +220,41 @@ def test_part_hits():
   assert out["part_hit_chance"] == pytest.approx(0.15)
 
 
+def test_point_hits_count_a_patch_that_contains_a_visible_part():
+  """CUB part locations: a patch [c*s, c*s+p) x [r*s, r*s+p) hits when it contains a visible
+  point; invisible rows and padding (-1, -1, 0) never hit. Overlapping patches (TransFG's
+  stride 12 < patch 16) each count."""
+  locs = jnp.array([[[20.0, 10.0, 1.0], [3.0, 3.0, 0.0]],  # visible in patch (1, 2); hidden
+                    [[-1.0, -1.0, 0.0], [-1.0, -1.0, 0.0]]], jnp.float32)  # no parts at all
+  sel = jnp.array([[6, 0], [6, 0]])
+  hit, has = fgmethods.point_hits(sel, locs, (4, 4), 8, 8)
+  np.testing.assert_allclose(np.asarray(hit), [0.5, 0.0])
+  assert has.tolist() == [True, False]
+  every = jnp.broadcast_to(jnp.arange(16), (2, 16))
+  np.testing.assert_allclose(np.asarray(fgmethods.point_hits(every, locs, (4, 4), 8, 8)[0]),
+                             [1 / 16, 0.0])
+  # stride 12, patch 16 on a 3 x 3 grid: (20, 10) lies in columns 12..28 and 0..16 of rows
+  # 0..16 -> patches (0, 1) only; (13, 13) would lie in (0, 0), (0, 1), (1, 0), (1, 1).
+  locs = jnp.array([[[20.0, 10.0, 1.0], [13.0, 13.0, 1.0]]], jnp.float32)
+  every = jnp.arange(9)[None]
+  hit, _ = fgmethods.point_hits(every, locs, (3, 3), 16, 12)
+  np.testing.assert_allclose(np.asarray(hit), [4 / 9])
+  # Regions prefers part locations to part boxes when a batch has both
+  from fgjax import models
+  from fgjax.methods.regions import Regions
+  cfg = tiny_config()
+  model = models.create(cfg.model.name, 4, 32, **cfg.model.kwargs)
+  regions = Regions.of(model)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  g, p = model.grid, model.patch_size
+  batch = {"image": jnp.zeros((1, 32, 32, 3)),
+           "part_boxes": jnp.array([[[0.0, 0.0, 32.0, 32.0]]]),  # every patch centre inside
+           "part_locs": jnp.array([[[1.0, 1.0, 1.0]]])}  # only patch 0 holds the point
+  _, values = regions.eval_outputs(variables, batch)
+  assert float(values["part_hit_chance"][0]) == pytest.approx(1 / (g[0] * g[1]))
+  assert p * g[1] <= 32 and bool(values["has_parts"][0])
+
+
 def test_get_steps():
   c = common.base_config()
   c.total_epochs = 2.5

@@ -96,6 +96,10 @@ def test_quick_config_trains_one_step_on_fake_cub(tmp_path):
   assert result["test"]["num_examples"] == len(fake.splits["test"])
   row = [r for r in logs.read_metrics(str(tmp_path / "w")) if r["split"] == "train"][-1]
   assert np.isfinite(row["loss"]) and row["con"] > 0
+  from test_run import part_hit_chance_on_test  # TransFG's overlapping patches (stride 12)
+  assert 0 <= result["test"]["part_hit_rate"] <= 1
+  assert result["test"]["part_hit_chance"] == pytest.approx(part_hit_chance_on_test(cfg),
+                                                            abs=1e-6)
 
 
 def test_recipe_follows_the_reference():

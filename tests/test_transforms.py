@@ -274,6 +274,60 @@ def test_crop_padding_is_torchvisions_random_crop_padding(backend):
     transforms.train_crop(img, np.random.default_rng(0), **dict(kw, crop_padding=-1))
 
 
+@pytest.mark.parametrize("backend", ["pil", "opencv"])
+def test_part_locations_follow_the_pixels_through_crop_flip_and_padding(backend):
+  """Each part is a 7 x 7 blob of its own colour at its location: after every train crop (with
+  flips and crop padding) and the eval crop, a visible transformed location lands on its own
+  part's colour, where a flip moves left parts into right parts' rows (`part_flip`); a part the
+  crop leaves out, or not visible, is (-1, -1, 0)."""
+  rng = np.random.default_rng(0)
+  img = np.full((80, 100, 3), 128, np.uint8)
+  n = 6
+  colours = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255),
+                      (255, 0, 255)], np.uint8)
+  pts = np.zeros((n, 3), np.float32)
+  for j in range(n):
+    x, y = int(rng.integers(5, 95)), int(rng.integers(5, 75))
+    img[y - 3:y + 4, x - 3:x + 4] = colours[j]
+    pts[j] = (x + 0.5, y + 0.5, 1.0)
+  pts[5] = (0.0, 0.0, 0.0)  # not visible, as CUB writes it
+  flip_index = np.array([1, 0, 2, 4, 3, 5])  # parts 0 <-> 1 and 3 <-> 4 are left/right pairs
+  kw = dict(image_size=64, resize_size=72, flip=True, crop_padding=6, backend=backend,
+            part_flip=flip_index)
+  seen = {"flip": 0, "keep": 0, "lost": 0}
+  for seed in range(30):
+    out, ann = transforms.train_crop(img, np.random.default_rng(seed),
+                                     boxes={"part_locs": pts}, **kw)
+    locs = ann["part_locs"]
+    assert locs.shape == (n, 3) and locs.dtype == np.float32
+    flipped = _drew_flip(seed, 100, 80, kw)
+    source_row = flip_index if flipped else np.arange(n)
+    seen["flip" if flipped else "keep"] += 1
+    for j in range(n):
+      if locs[j, 2] == 0:
+        np.testing.assert_array_equal(locs[j], (-1, -1, 0))
+        seen["lost"] += j != 5
+        continue
+      px = out[int(locs[j, 1]), int(locs[j, 0])].astype(int)
+      assert np.abs(px - colours[source_row[j]]).max() <= 40, (seed, j, px)
+    assert locs[5, 2] == 0
+  assert min(seen.values()) > 0, seen  # flips, no flips and parts left out all happened
+  out, ann = transforms.eval_crop(img, image_size=64, resize_size=72, backend=backend,
+                                  boxes={"part_locs": pts})
+  for j in np.flatnonzero(ann["part_locs"][:, 2] > 0):
+    px = out[int(ann["part_locs"][j, 1]), int(ann["part_locs"][j, 0])].astype(int)
+    assert np.abs(px - colours[j]).max() <= 40
+
+
+def _drew_flip(seed, w, h, kw):
+  """Whether `train_crop` flipped with this seed: its draws are the crop offsets, then the
+  flip."""
+  rw, rh = transforms.resized_size(w, h, kw["resize_size"], "shorter")
+  rng, pad, s = np.random.default_rng(seed), kw["crop_padding"], kw["image_size"]
+  rng.integers(-pad, rw - s + pad + 1), rng.integers(-pad, rh - s + pad + 1)
+  return rng.random() < 0.5
+
+
 def test_backend_errors():
   with pytest.raises(ValueError, match="config.data.backend"):
     transforms.check_backend("torch")

@@ -30,6 +30,10 @@ class Source:
   labels: np.ndarray
   # Per-example box arrays carried into batches: name -> shape of one example's array.
   box_shapes: dict[str, tuple[int, ...]] = {}
+  # With part locations (CUB's parts/): the parts' names, in the rows' order, and the row
+  # order after a horizontal flip (left <-> right parts), or None.
+  part_names: list[str] = []
+  part_flip: np.ndarray | None = None
 
   @property
   def num_classes(self) -> int:
@@ -83,6 +87,7 @@ class SubsetSource(Source):
     self.ids = np.asarray(parent.ids)[self.indices]
     self.labels = np.asarray(parent.labels)[self.indices]
     self.box_shapes = parent.box_shapes
+    self.part_names, self.part_flip = parent.part_names, parent.part_flip
 
   def get(self, i, min_size=None, decoder="opencv"):
     return self.parent.get(int(self.indices[i]), min_size, decoder)

@@ -49,7 +49,9 @@ def _missing(name: str, data_dir, what: str) -> DatasetNotFoundError:
 
 
 class FileSource(Source):
-  """Examples that are image files with integer labels (and optional object boxes).
+  """Examples that are image files with integer labels (and optional object boxes and part
+  locations: `part_locs` (N, P, 3) x, y, visible in the stored image's pixels, with
+  `part_names` (P) and `part_flip`, the row order after a horizontal flip).
 
   Every listed file must exist (else `DatasetNotFoundError` naming the first missing one);
   with `skip_bad_images=True` missing and undecodable files are dropped instead (see the
@@ -58,7 +60,7 @@ class FileSource(Source):
 
   def __init__(self, name: str, split: str, files: Sequence[str], labels, ids,
                class_names: Sequence[str], object_boxes=None, skip_bad_images: bool = False,
-               root: str | None = None):
+               root: str | None = None, part_locs=None, part_names: Sequence[str] = ()):
     self.name, self.split = name, split
     self.files = [os.fspath(f) for f in files]
     self.labels = np.asarray(labels, np.int64).reshape(-1)
@@ -67,6 +69,12 @@ class FileSource(Source):
     self.object_boxes = None if object_boxes is None else \
         np.asarray(object_boxes, np.float32).reshape(-1, 4)
     self.box_shapes = {} if self.object_boxes is None else {"object_box": (4,)}
+    self.part_locs = None
+    if part_locs is not None:
+      self.part_locs = np.asarray(part_locs, np.float32).reshape(len(self.files), -1, 3)
+      self.part_names = [str(n) for n in part_names]
+      self.part_flip = flip_order(self.part_names)
+      self.box_shapes["part_locs"] = self.part_locs.shape[1:]
     self.num_skipped = 0
     if not (len(self.files) == len(self.labels) == len(self.ids)):
       raise DatasetError(f"{name}/{split}: {len(self.files)} files, {len(self.labels)} labels, "
@@ -96,6 +104,8 @@ class FileSource(Source):
     self.labels, self.ids = self.labels[ok], self.ids[ok]
     if self.object_boxes is not None:
       self.object_boxes = self.object_boxes[ok]
+    if self.part_locs is not None:
+      self.part_locs = self.part_locs[ok]
 
   def _drop_bad_images(self):
     def check(path):
@@ -125,6 +135,10 @@ class FileSource(Source):
     rec = {"label": int(self.labels[i]), "id": int(self.ids[i]), "file": path}
     if self.object_boxes is not None:
       rec["object_box"] = self.object_boxes[i] * np.float32(scale)
+    if self.part_locs is not None:
+      locs = self.part_locs[i].copy()
+      locs[:, :2] *= np.float32(scale)
+      rec["part_locs"] = locs
     return img, rec
 
 
@@ -171,6 +185,57 @@ def _check_split(name, split, allowed=("train", "test")):
     raise ValueError(f"{name}: unknown split {split!r}; use one of {', '.join(allowed)}")
 
 
+def flip_order(part_names: Sequence[str]) -> np.ndarray:
+  """Row order of parts after a horizontal flip: "left X" and "right X" trade rows (CUB's eyes,
+  legs and wings), every other part keeps its row."""
+  names = [str(n).strip().lower() for n in part_names]
+  order = np.arange(len(names))
+  for i, n in enumerate(names):
+    for a, b in (("left", "right"), ("right", "left")):
+      if n.startswith(a + " ") and (b + n[len(a):]) in names:
+        order[i] = names.index(b + n[len(a):])
+  return order
+
+
+def _read_parts(name: str, root: str, base: str, keys: Sequence[str]):
+  """(part_locs (N, P, 3), part names) from parts/parts.txt (<part id> <name>) and
+  parts/part_locs.txt (<image id> <part id> <x> <y> <visible>), for the images `keys`; None
+  when neither file exists. Parts an image has no line for are (0, 0, not visible)."""
+  names_path = os.path.join(root, "parts", "parts.txt")
+  locs_path = os.path.join(root, "parts", "part_locs.txt")
+  have = [os.path.isfile(p) for p in (names_path, locs_path)]
+  if not any(have):
+    return None
+  if not all(have):
+    missing, present = (locs_path, names_path) if have[0] else (names_path, locs_path)
+    raise DatasetNotFoundError(f"{name}: {os.path.relpath(missing, base)} not found, but "
+                               f"{os.path.relpath(present, base)} is there: the part "
+                               f"annotations need both files (or neither)")
+  part_rows = _read_rows(names_path, name, base, 1)
+  if not part_rows or any(len(r) < 2 for r in part_rows):
+    raise DatasetError(f"{name}: {names_path} is empty or has a line that is not "
+                       f"'<part id> <name>'")
+  part_index = {r[0]: j for j, r in enumerate(part_rows)}
+  row_of = {k: i for i, k in enumerate(keys)}
+  out = np.zeros((len(keys), len(part_rows), 3), np.float32)
+  with open(locs_path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      r = line.split()
+      if not r:
+        continue
+      try:
+        if len(r) != 5 or r[1] not in part_index:
+          raise ValueError
+        x, y, vis = float(r[2]), float(r[3]), float(r[4])
+      except ValueError:
+        raise DatasetError(f"{name}: {locs_path} line {n} is not '<image id> <part id> <x> <y> "
+                           f"<visible>' with a part id of parts.txt: {line.strip()!r}") from None
+      i = row_of.get(r[0])
+      if i is not None:
+        out[i, part_index[r[1]]] = (x, y, float(vis > 0))
+  return out, [r[1].strip() for r in part_rows]
+
+
 def _xywh_to_xyxy(b):
   b = np.asarray(b, np.float32).reshape(-1, 4)
   return np.stack([b[:, 0], b[:, 1], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]], 1)
@@ -205,7 +270,7 @@ def _birds_source(name, split, data_dir, skip_bad_images):
   index_of = {c: i for i, c in enumerate(used)}
   names = [re.sub(r"^\d+\.", "", class_text.get(c, c)) for c in used]
   want = "1" if split == "train" else "0"
-  files, ys, ids, bxs = [], [], [], []
+  files, ys, ids, bxs, keys = [], [], [], [], []
   for pos, row in enumerate(images):
     if len(row) < 2:
       raise DatasetError(f"{name}: images.txt line {pos + 1} is not '<image id> <path>'")
@@ -222,12 +287,15 @@ def _birds_source(name, split, data_dir, skip_bad_images):
     files.append(os.path.join(root, "images", rel))
     ys.append(index_of[labels[key]])
     ids.append(img_id)
+    keys.append(key)
     if boxes is not None:
       bxs.append(boxes.get(key, [0.0, 0.0, 0.0, 0.0]))
   if not files:
     raise DatasetError(f"{name}: the {split} split is empty (train_test_split.txt)")
+  parts = _read_parts(name, root, base, keys)
   return FileSource(name, split, files, ys, ids, names,
-                    _xywh_to_xyxy(bxs) if boxes is not None else None, skip_bad_images, root)
+                    _xywh_to_xyxy(bxs) if boxes is not None else None, skip_bad_images, root,
+                    *(parts or (None, ())))
 
 
 def _mat_value(v):

@@ -28,6 +28,9 @@ Batches are dicts of numpy arrays (L = global_batch_size / process count):
               the box left the crop
   part_boxes  float32 (L, P, 4), when the source has part boxes (or `max_parts` is set):
               padded to P with -1 rows
+  part_locs   float32 (L, P, 3) x, y, visible in output pixels, when the source has part
+              locations (CUB's `parts/part_locs.txt`): a part the crop left out, or not
+              visible, is (-1, -1, 0); a flip also swaps left and right parts' rows
   mask        bool (L,), eval only
 A loader's `element_spec` gives the fields of its global batch as ShapeDtypeStructs
 (`batch_spec`), and `normalize` the normalisation its images are meant for.
@@ -54,11 +57,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fgjax.data import transforms
 from fgjax.data.base import Source
 
-BOX_KEYS = ("object_box", "part_boxes")
+BOX_KEYS = ("object_box", "part_boxes", "part_locs")
 _AUGMENT_STREAM = 0x5EED  # separates the augmentation rngs from other uses of the seed
 
 
-def _fields(image_size: int, num_parts: int | None, host_normalize: bool = False) -> dict:
+def _fields(image_size: int, num_parts: int | None, host_normalize: bool = False,
+            num_part_locs: int | None = None) -> dict:
   """{field: (per-example shape, dtype)} of a batch (see the module docstring)."""
   s = int(image_size)
   out = {"image": ((s, s, 3), np.float32 if host_normalize else np.uint8),
@@ -66,16 +70,19 @@ def _fields(image_size: int, num_parts: int | None, host_normalize: bool = False
          "object_box": ((4,), np.float32)}
   if num_parts is not None:
     out["part_boxes"] = ((int(num_parts), 4), np.float32)
+  if num_part_locs is not None:
+    out["part_locs"] = ((int(num_part_locs), 3), np.float32)
   return out
 
 
 def batch_spec(image_size: int, num_parts: int | None = None, batch_size: int = 1,
-               eval: bool = False, host_normalize: bool = False
-               ) -> dict[str, jax.ShapeDtypeStruct]:
+               eval: bool = False, host_normalize: bool = False,
+               num_part_locs: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
   """The fields of a global batch as ShapeDtypeStructs (a loader's `element_spec`); with
   `eval` the `mask` too. Models are initialised from an example of it."""
   out = {k: jax.ShapeDtypeStruct((int(batch_size),) + shape, dtype)
-         for k, (shape, dtype) in _fields(image_size, num_parts, host_normalize).items()}
+         for k, (shape, dtype) in _fields(image_size, num_parts, host_normalize,
+                                          num_part_locs).items()}
   if eval:
     out["mask"] = jax.ShapeDtypeStruct((int(batch_size),), np.bool_)
   return out
@@ -99,6 +106,15 @@ def _box_layout(source: Source, max_parts: int | None) -> int | None:
       raise ValueError(f"max_parts={max_parts} < the source's {shape[0]} part boxes")
     return int(max_parts)
   return None if shape is None else int(shape[0])
+
+
+def _pad_points(p, n: int) -> np.ndarray:
+  out = np.full((n, 3), -1, np.float32)
+  out[:, 2] = 0.0
+  if p is not None:
+    p = np.asarray(p, np.float32).reshape(-1, 3)[:n]
+    out[:len(p)] = p
+  return out
 
 
 def _pad_parts(b, n: int) -> np.ndarray:
@@ -125,6 +141,9 @@ class _BatchBuilder:
     self.backend = transforms.check_backend(backend)
     self.min_size = resize_size if draft else None  # the draft decoding bound
     self.num_parts = num_parts
+    locs = source.box_shapes.get("part_locs")
+    self.num_part_locs = None if locs is None else int(locs[0])
+    self.part_flip = getattr(source, "part_flip", None)  # row order of part_locs after a flip
 
   def _boxes_in(self, rec) -> dict:
     return {k: rec[k] for k in BOX_KEYS if rec.get(k) is not None}
@@ -132,11 +151,11 @@ class _BatchBuilder:
   def _alloc(self, n: int) -> dict:
     return {k: np.empty((n,) + shape, dtype)
             for k, (shape, dtype) in _fields(self.image_size, self.num_parts,
-                                             self.host_normalize).items()}
+                                             self.host_normalize, self.num_part_locs).items()}
 
   def spec(self, global_batch_size: int, eval: bool = False) -> dict:
     return batch_spec(self.image_size, self.num_parts, global_batch_size, eval,
-                      self.host_normalize)
+                      self.host_normalize, self.num_part_locs)
 
   def _fill(self, out: dict, k: int, rec: dict, u8: np.ndarray, boxes: dict):
     if self.host_normalize:
@@ -149,6 +168,8 @@ class _BatchBuilder:
     out["object_box"][k] = -1.0 if ob is None else np.asarray(ob, np.float32).reshape(4)
     if self.num_parts is not None:
       out["part_boxes"][k] = _pad_parts(boxes.get("part_boxes"), self.num_parts)
+    if self.num_part_locs is not None:
+      out["part_locs"][k] = _pad_points(boxes.get("part_locs"), self.num_part_locs)
 
 
 class TrainBatch(_BatchBuilder):
@@ -184,7 +205,8 @@ class TrainBatch(_BatchBuilder):
                                         resize_mode=self.resize_mode,
                                         interpolation=self.interpolation,
                                         backend=self.backend,
-                                        boxes=self._boxes_in(rec), **self.augment)
+                                        boxes=self._boxes_in(rec), part_flip=self.part_flip,
+                                        **self.augment)
       self._fill(out, k, rec, u8, boxes)
     return out
 

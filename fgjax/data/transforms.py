@@ -31,8 +31,11 @@ faster than PIL's fused resample). `interpolation` is "bilinear" (default: what 
 ImageNet recipe).
 
 Boxes (x0, y0, x1, y1 in pixels) follow the same geometry (resize, crop, flip) and are clipped
-to the crop; a box that falls outside (or was invalid) becomes all -1. RandAugment /
-AutoAugment geometric ops (rotate, shear, translate) do not move boxes.
+to the crop; a box that falls outside (or was invalid) becomes all -1. Points (`part_locs`:
+x, y, visible; CUB's part locations) follow it too: a point the crop leaves out (or that was
+not visible) becomes (-1, -1, 0), and a flip also swaps the rows of left and right parts
+(`part_flip`, e.g. CUB's left eye <-> right eye), so every row keeps naming the bird's own part.
+RandAugment / AutoAugment geometric ops (rotate, shear, translate) do not move boxes or points.
 """
 from __future__ import annotations
 
@@ -177,6 +180,38 @@ def transform_boxes(boxes, geom, image_size: int, flip: bool) -> np.ndarray:
   valid &= (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
   b[~valid] = -1
   return b.reshape(boxes.shape)
+
+
+POINT_KEYS = ("part_locs",)  # annotations that are (..., 3) points, not boxes
+
+
+def transform_points(points, geom, image_size: int, flip: bool, flip_index=None) -> np.ndarray:
+  """Maps (P, 3) points (x, y, visible) through resize + crop (+ flip, which also reorders the
+  rows by `flip_index`, row i <- row flip_index[i]); a point outside the crop or not visible
+  -> (-1, -1, 0)."""
+  p = np.array(points, np.float32).reshape(-1, 3)
+  sx, sy, ox, oy = geom
+  x = p[:, 0] * sx - ox
+  y = p[:, 1] * sy - oy
+  keep = (p[:, 2] > 0) & (x >= 0) & (x < image_size) & (y >= 0) & (y < image_size)
+  if flip:
+    x = image_size - x
+  out = np.stack([x, y, np.ones_like(x)], 1)
+  out[~keep] = (-1.0, -1.0, 0.0)
+  if flip and flip_index is not None:
+    out = out[np.asarray(flip_index, np.int64)]
+  return out
+
+
+def transform_annotations(boxes: dict | None, geom, image_size: int, flip: bool,
+                          part_flip=None) -> dict:
+  """Every box array (`transform_boxes`) and point array (`POINT_KEYS`, `transform_points`)
+  of a record through the crop's geometry."""
+  out = {}
+  for k, v in (boxes or {}).items():
+    out[k] = transform_points(v, geom, image_size, flip, part_flip) if k in POINT_KEYS \
+        else transform_boxes(v, geom, image_size, flip)
+  return out
 
 
 # ----------------------------------------------------------------------------- augmentations
@@ -483,8 +518,10 @@ def train_crop(img, rng: np.random.Generator, *, image_size: int, resize_size: i
                sharpness_p: float = 0.5, randaugment_ops: int = 0,
                randaugment_magnitude: float = 9.0, autoaugment: bool = False,
                boxes: dict | None = None, interpolation: str = "bilinear",
-               color_jitter=(), backend: str = "opencv", crop_padding: int = 0):
-  """The train augmentation (module docstring) -> (uint8 (S, S, 3) crop, transformed boxes).
+               color_jitter=(), backend: str = "opencv", crop_padding: int = 0,
+               part_flip=None):
+  """The train augmentation (module docstring) -> (uint8 (S, S, 3) crop, transformed boxes
+  and points; `part_flip`: the row order of the points after a flip).
   `img` is a uint8 (H, W, 3) array or a PIL image. The backends share this flow and differ
   only in the ops (`_crop`, `_flip`, `_sharpen`, `_jitter`), so they draw the same random
   numbers and make the same crop, flip and factors. `crop_padding` p: the crop window may
@@ -509,8 +546,7 @@ def train_crop(img, rng: np.random.Generator, *, image_size: int, resize_size: i
     crop = _jitter(crop, rng, color_jitter, backend)
   if autoaugment or randaugment_ops:
     crop = _auto_rand_augment(crop, rng, autoaugment, randaugment_ops, randaugment_magnitude)
-  out_boxes = {k: transform_boxes(v, geom, image_size, do_flip) for k, v in (boxes or {}).items()}
-  return crop, out_boxes
+  return crop, transform_annotations(boxes, geom, image_size, do_flip, part_flip)
 
 
 def eval_crop(img, *, image_size: int, resize_size: int, resize_mode: str = "shorter",
@@ -523,8 +559,7 @@ def eval_crop(img, *, image_size: int, resize_size: int, resize_mode: str = "sho
   crop, geom = _crop(img, resize_size, image_size,
                      ((rw - image_size) // 2, (rh - image_size) // 2), resize_mode,
                      interpolation, backend)
-  out_boxes = {k: transform_boxes(v, geom, image_size, False) for k, v in (boxes or {}).items()}
-  return np.ascontiguousarray(crop), out_boxes
+  return np.ascontiguousarray(crop), transform_annotations(boxes, geom, image_size, False)
 
 
 def train_transform(img, rng: np.random.Generator, *, image_size: int, resize_size: int,

@@ -23,7 +23,7 @@ from fgjax.methods.cal import CAL
 from fgjax.methods.classifier import Classifier
 from fgjax.methods.pmg import PMG
 from fgjax.methods.racnn import RACNN
-from fgjax.methods.regions import part_hits
+from fgjax.methods.regions import part_hits, point_hits
 from fgjax.methods.transfg import TransFG
 from fgjax.methods.trs_deit import TRSDeiT
 
@@ -77,4 +77,4 @@ def get_method(config, model, num_classes) -> Method:
 
 __all__ = ["CAL", "Classifier", "Context", "Helper", "HelperEnv", "METHODS", "Method",
            "OptimizerSpec", "PMG", "Phase", "RACNN", "TRSDeiT", "TransFG", "Update", "get_method",
-           "import_path", "method_class", "part_hits", "register", "sections"]
+           "import_path", "method_class", "part_hits", "point_hits", "register", "sections"]

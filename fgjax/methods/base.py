@@ -323,7 +323,7 @@ class Method:
 
   # ------------------------------------------------------------------ evaluation
   def eval_outputs(self, variables, batch):
-    if self.regions is not None and "part_boxes" in batch:
+    if self.regions is not None and self.regions.has_parts(batch):
       logits, values = self.regions.eval_outputs(variables, batch)
       return {"logits": logits}, values
     logits, _ = self.model.apply(variables, *self.model_inputs(batch), train=False)

@@ -33,11 +33,12 @@ sigmoid within 0.02 of 0 or 1 (`box{s}_at_bound`): a collapse to a corner or to 
 square shows up as it happens.
 
 Evaluation: `top1` = the three scales' softmax averaged ("scale 1+2+3"), `scale{1,2,3}_top1`;
-the zoom-hit rate: the share of scale-3 squares that contain the centre of a part box (when
-the example has part boxes: the synthetic birds, CUB part locations) or else lie inside the
-object box (CUB's bounding boxes), beside its chance level (a square of the same size at a
-uniformly random position inside the image); and the mean side of each square. Visualisation:
-the scale-2 (red) and scale-3 (yellow) squares on the image beside the scale-3 input.
+the zoom-hit rate: the share of scale-3 squares that contain a visible annotated part (CUB's
+part locations, `part_locs`), or the centre of a part box (the synthetic birds), or else lie
+inside the object box (bounding boxes of datasets without parts), beside its chance level (a
+square of the same size at a uniformly random position inside the image); and the mean side
+of each square. Visualisation: the scale-2 (red) and scale-3 (yellow) squares on the image
+beside the scale-3 input.
 """
 from __future__ import annotations
 
@@ -69,12 +70,13 @@ def box_stats(boxes, sigmoids, sides) -> dict:
   return out
 
 
-def zoom_hits(square, part_boxes, object_box, side: float):
-  """Per example (hit, chance, has_boxes) of a square (B, 3) in input pixels: with part boxes
-  (B, P, 4) (rows with x1 <= x0 are padding) a hit = the square holds a part box's centre;
-  without, with an object box (B, 4) (x1 <= x0: none) a hit = the square lies inside it. The
-  chance is the hit rate of the same square at CHANCE_GRID^2 positions spread uniformly over
-  the centres that keep it inside the image."""
+def zoom_hits(square, part_boxes, object_box, side: float, part_locs=None):
+  """Per example (hit, chance, has_boxes) of a square (B, 3) in input pixels: with part
+  locations (B, P, 3) (x, y, visible; CUB's annotated points) a hit = the square holds a
+  visible one; else with part boxes (B, P, 4) (rows with x1 <= x0 are padding) a hit = the
+  square holds a part box's centre; without either, with an object box (B, 4) (x1 <= x0: none)
+  a hit = the square lies inside it. The chance is the hit rate of the same square at
+  CHANCE_GRID^2 positions spread uniformly over the centres that keep it inside the image."""
   tx, ty, tl = square[:, 0], square[:, 1], square[:, 2]
   g = (jnp.arange(CHANCE_GRID, dtype=jnp.float32) + 0.5) / CHANCE_GRID
   free = jnp.maximum(side - 2.0 * tl, 0.0)[:, None]
@@ -82,10 +84,14 @@ def zoom_hits(square, part_boxes, object_box, side: float):
   B = square.shape[0]
   has_parts = jnp.zeros((B,), bool)
   part_hit = part_chance = jnp.zeros((B,), jnp.float32)
-  if part_boxes is not None:
-    valid = part_boxes[..., 2] > part_boxes[..., 0]  # (B, P)
-    pcx = 0.5 * (part_boxes[..., 0] + part_boxes[..., 2])
-    pcy = 0.5 * (part_boxes[..., 1] + part_boxes[..., 3])
+  if part_locs is not None or part_boxes is not None:
+    if part_locs is not None:
+      valid = part_locs[..., 2] > 0  # (B, P)
+      pcx, pcy = part_locs[..., 0], part_locs[..., 1]
+    else:
+      valid = part_boxes[..., 2] > part_boxes[..., 0]
+      pcx = 0.5 * (part_boxes[..., 0] + part_boxes[..., 2])
+      pcy = 0.5 * (part_boxes[..., 1] + part_boxes[..., 3])
     has_parts = valid.any(-1)
     inside = (jnp.abs(tx[:, None] - pcx) <= tl[:, None]) & \
         (jnp.abs(ty[:, None] - pcy) <= tl[:, None]) & valid
@@ -252,7 +258,7 @@ class RACNN(Method):
       heads[f"scale{s}"] = l
     square = aux["boxes_in_image"][:, 1]
     hit, chance, has = zoom_hits(square, batch.get("part_boxes"), batch.get("object_box"),
-                                 self.sides[0])
+                                 self.sides[0], batch.get("part_locs"))
     values = {"zoom_hit": hit, "zoom_chance": chance, "has_boxes": has,
               "box2_side": 2.0 * aux["boxes"][:, 0, 2] / self.sides[0],
               "box3_side": 2.0 * aux["boxes"][:, 1, 2] / self.sides[1],

@@ -2,9 +2,11 @@
 
 The selected patches are the model's own selection (TRS-DeiT's rollout argmax, TransFG's part
 selection) or, for a plain ViT/DeiT, the argmax of the TRS rollout score computed from its
-attention. The part-hit rate is the share of selected patches whose centre lies in a part box
-(beak, crest, throat of the synthetic birds; CUB's part locations); `part_hit_chance` is the
-share of all patches on a part box, what uniformly random picks would score.
+attention. The part-hit rate is the share of selected patches that hit a part: with part
+locations (CUB's 15 annotated points, `part_locs`) a patch hits when it contains a visible
+one (`point_hits`); with part boxes (the beak, crest and throat of the synthetic birds) when
+its centre lies in a box (`part_hits`). `part_hit_chance` is the same share over all patches,
+what uniformly random picks would score. Part locations win when a batch has both.
 """
 from __future__ import annotations
 
@@ -34,6 +36,23 @@ def part_hits(selected, part_boxes, grid, patch_size, stride):
   return hit, has
 
 
+def point_hits(selected, part_locs, grid, patch_size, stride):
+  """Per example, the share of selected patches that contain a visible part location.
+
+  selected: (B, K) patch indices; part_locs: (B, P, 3) x, y, visible in input pixels (rows
+  with visible <= 0 are absent parts or padding). A patch covers [col * stride, col * stride
+  + patch_size) x [row * stride, row * stride + patch_size). Returns (hits (B,), has_parts (B,)).
+  """
+  gw = grid[1]
+  x0 = ((selected % gw) * stride)[:, :, None]
+  y0 = ((selected // gw) * stride)[:, :, None]
+  px, py = part_locs[:, None, :, 0], part_locs[:, None, :, 1]
+  valid = part_locs[:, None, :, 2] > 0
+  inside = (px >= x0) & (px < x0 + patch_size) & (py >= y0) & (py < y0 + patch_size) & valid
+  hit = inside.any(-1).astype(jnp.float32).mean(-1)
+  return hit, valid.any(-1).any(-1)
+
+
 class Regions:
   """Patch selection of a ViT-family model: evaluation values and pictures."""
 
@@ -58,15 +77,23 @@ class Regions:
     logits, aux = self.model.apply(variables, images, train=False, return_rollout=True)
     return logits, aux["rollout"], aux["selected"]
 
+  @staticmethod
+  def has_parts(batch) -> bool:
+    return "part_locs" in batch or "part_boxes" in batch
+
   def eval_outputs(self, variables, batch):
-    """(logits, {"part_hit", "has_parts", "part_hit_chance"}) for a batch with part boxes."""
+    """(logits, {"part_hit", "has_parts", "part_hit_chance"}) for a batch with part locations
+    or part boxes."""
     m = self.model
     logits, _, sel = self.selection(variables, batch["image"])
-    boxes = batch["part_boxes"]
-    hit, has = part_hits(sel, boxes, m.grid, m.patch_size, self.stride)
+    if "part_locs" in batch:
+      fn, parts = point_hits, batch["part_locs"]
+    else:
+      fn, parts = part_hits, batch["part_boxes"]
+    hit, has = fn(sel, parts, m.grid, m.patch_size, self.stride)
     n = m.grid[0] * m.grid[1]
     every = jnp.broadcast_to(jnp.arange(n), (sel.shape[0], n))
-    chance = part_hits(every, boxes, m.grid, m.patch_size, self.stride)[0]
+    chance = fn(every, parts, m.grid, m.patch_size, self.stride)[0]
     return logits, {"part_hit": hit, "has_parts": has, "part_hit_chance": chance}
 
   @staticmethod
