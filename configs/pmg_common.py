@@ -12,8 +12,10 @@ fgjax's former per-image permutations). SGD momentum 0.9, weight decay 5e-4 on e
 2e-3 for the new layers (conv blocks and classifiers) and 2e-4 for the backbone, cosine, batch
 16; the reference trains 200 epochs (we use the same; it reports CUB 89.6, Cars 95.1, Aircraft
 93.4). Evaluation reports the concat head (`top1`) and the sum of the four heads
-(`combined_top1`). The reference prints the best test accuracy over its epochs
-(`test_best_over_training` in fgjax's metrics).
+(`combined_top1`). The reference writes every epoch's test accuracy of both to
+`results_test.txt` and keeps the model of the best combined accuracy; fgjax's
+`test_best_over_training` holds the best of each head over training (`top1`, and
+`combined_top1` with its own step), beside the honest last or validation-selected numbers.
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ def racnn_config(arg, *, dataset: str, data_dir: str, train_size: int, epochs: i
   c.data.augment = dict(flip=True, sharpness=0.0, randaugment=None, autoaugment=False)
   c.batch_size = 16
   c.eval_batch_size = 16
-  steps_per_epoch = -(-train_size // c.batch_size)
+  steps_per_epoch = train_size // c.batch_size  # the trainer's epoch: full batches only
   c.total_epochs = epochs
   c.optim.name = "sgd"
   c.optim.lr = 1e-3

@@ -129,6 +129,9 @@ def test_quick_configs_train_one_step_on_fake_data(tmp_path, module, maker):
   test = result["test"]
   assert test["num_examples"] == len(fake.splits["test"])
   assert "combined_top1" in test and np.isfinite(test["top1"])
+  # the references' protocol per head: PMG's reference logs the combined head too
+  best = result["test_best_over_training"]
+  assert best["combined_top1"] == {"top1": pytest.approx(test["combined_top1"]), "step": 1}
 
 
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):

@@ -87,11 +87,12 @@ def test_best_test_before_a_resume_reads_only_evaluations_up_to_its_step(tmp_pat
            dict(split="test", step=4, top1=0.7), dict(split="test", step=6, top1=0.8),
            dict(split="test", step=5, top1=0.7)]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-  assert trainer._best_test_before(str(tmp_path), 5) == (0.7, 4)  # step 6 is redone
-  assert trainer._best_test_before(str(tmp_path), 1) is None
-  assert trainer._best_test_before(str(tmp_path / "nowhere"), 5) is None
+  # step 6 is redone; the tie at 0.7 keeps step 4
+  assert trainer._best_test_before(str(tmp_path), 5) == {"top1": (0.7, 4)}
+  assert trainer._best_test_before(str(tmp_path), 1) == {}
+  assert trainer._best_test_before(str(tmp_path / "nowhere"), 5) == {}
   (tmp_path / "metrics.jsonl").write_text("{not json\n")
-  assert trainer._best_test_before(str(tmp_path), 5) is None  # warned, counts this run only
+  assert trainer._best_test_before(str(tmp_path), 5) == {}  # warned, counts this run only
 
 
 def test_resume_after_sigterm_equals_uninterrupted(tmp_path, monkeypatch):
@@ -218,6 +219,21 @@ def test_part_hits():
   out = evaluation.summarize_eval(res, 2, method)
   assert out["part_hit_rate"] == pytest.approx(0.75)  # the padded third example is left out
   assert out["part_hit_chance"] == pytest.approx(0.15)
+
+
+def test_best_over_training_per_head(tmp_path):
+  """Each top-1 head (top1, combined_top1, ...) keeps its own best and step; ties keep the
+  earlier step."""
+  rows = [{"split": "test", "step": 1, "top1": 0.5, "combined_top1": 0.7, "top5": 0.9},
+          {"split": "train", "step": 2, "top1": 0.99},
+          {"split": "test", "step": 2, "top1": 0.6, "combined_top1": 0.7},
+          {"split": "test", "step": 3, "top1": 0.8, "combined_top1": 0.6}]
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in rows))
+  assert trainer._best_test_before(str(tmp_path), 2) == {"top1": (0.6, 2),
+                                                         "combined_top1": (0.7, 1)}
+  assert trainer._best_test_before(str(tmp_path), 3)["top1"] == (0.8, 3)
+  assert trainer._best_test_before(str(tmp_path / "none"), 3) == {}
 
 
 def test_point_hits_count_a_patch_that_contains_a_visible_part():

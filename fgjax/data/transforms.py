@@ -27,8 +27,8 @@ PIL's resize and crop are fused: the crop window is mapped back to the source im
 the image_size^2 output pixels are resampled (`Image.resize(size, box=...)`). OpenCV resizes
 the whole image and slices the crop (for a CUB image 683 x 512 for 448 x 448, still 3.5x
 faster than PIL's fused resample). `interpolation` is "bilinear" (default: what torchvision's
-`Resize` does in the TransFG, PMG, CAL and TRS-DeiT reference code) or "bicubic" (timm's DeiT
-ImageNet recipe).
+`Resize` does in the TransFG, PMG and CAL reference code) or "bicubic" (timm's and DeiT's
+`build_transform`).
 
 Boxes (x0, y0, x1, y1 in pixels) follow the same geometry (resize, crop, flip) and are clipped
 to the crop; a box that falls outside (or was invalid) becomes all -1. Points (`part_locs`:
