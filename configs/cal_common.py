@@ -63,4 +63,4 @@ def cal_config(arg, *, dataset: str, data_dir: str, backbone: str = "resnet101",
     c.model.kwargs = dict(num_attentions=4)
     c.data.resize_size = 72
     common.quick_run(c)
-  return c
+  return common.resnet_attention(c)

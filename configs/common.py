@@ -86,3 +86,11 @@ def quick_run(c: ml_collections.ConfigDict, steps: int = 2, batch: int = 8):
   c.eval_every_steps = steps
   c.checkpoint_every_epochs = None
   c.checkpoint_every_steps = 1
+
+
+def resnet_attention(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Declares `model.kwargs.attn` (None: plain blocks) so that `--config.model.kwargs.attn=se`
+  (or cbam, sk, ge; `fgjax.models.resnet`) puts attention in every block of a ResNet recipe.
+  A placeholder: ml_collections sets a key from the command line only if the config has it."""
+  c.model.kwargs.attn = ml_collections.config_dict.placeholder(str)
+  return c

@@ -63,4 +63,6 @@ def pmg_config(arg, *, dataset: str, data_dir: str, backbone: str = "resnet50",
       c.model.kwargs = dict(depth=3, feature_size=64, stage_features=128)
     c.data.resize_size = c.model.img_size + 8
     common.quick_run(c)
+  if backbone.startswith("resnet"):
+    common.resnet_attention(c)
   return c

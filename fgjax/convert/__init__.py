@@ -211,40 +211,94 @@ def timm_to_fgjax(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], 
   return out, unexpected
 
 
+_BN_FIELDS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+              "running_mean": ("stats", "mean"), "running_var": ("stats", "var")}
+_DENSE_NAMES = ("fc", "fc1", "fc2", "fc_reduce", "fc_select")  # Linear or 1x1 conv -> nn.Dense
+
+
+def _torch_module_path(mod: str) -> str:
+  """A torch module path as an fgjax one: 'conv1.paths.0.conv' -> 'conv1/paths_0/conv'."""
+  return re.sub(r"\.(\d+)(?=\.|$)", r"_\1", mod).replace(".", "/")
+
+
+def _put_cnn_leaf(mod: str, field: str, v: np.ndarray, params: dict, stats: dict) -> bool:
+  """Puts torch tensor `mod.field` of a conv net at fgjax path `mod` by the kind its last name
+  says: conv* (weight -> HWIO kernel), bn* (affine -> params, running stats -> batch_stats),
+  fc/fc1/fc2/fc_reduce/fc_select (a Linear or 1x1 conv -> Dense kernel, bias). False for
+  anything else (an unexpected key)."""
+  name = mod.rsplit("/", 1)[-1]
+  if name.startswith("conv") or name == "downsample_conv":
+    if field != "weight" or v.ndim != 4:
+      return False
+    params[f"{mod}/kernel"] = np.ascontiguousarray(v.transpose(2, 3, 1, 0))
+  elif name.startswith("bn") or name == "downsample_bn":
+    if field not in _BN_FIELDS:
+      return False
+    where, leaf = _BN_FIELDS[field]
+    (params if where == "params" else stats)[f"{mod}/{leaf}"] = v
+  elif name in _DENSE_NAMES:
+    if field == "bias":
+      params[f"{mod}/bias"] = v
+    elif field == "weight" and (v.ndim == 2 or (v.ndim == 4 and v.shape[2:] == (1, 1))):
+      params[f"{mod}/kernel"] = _t(v.reshape(v.shape[0], -1))
+    else:
+      return False
+  else:
+    return False
+  return True
+
+
 def timm_resnet_to_variables(sd: Mapping[str, np.ndarray]) -> tuple[dict, list[str]]:
   """Renames a timm/torchvision ResNet state dict to fgjax `{"params", "batch_stats"}` (nested
-  dicts of numpy arrays) for `fgjax.models.resnet.ResNet`. Returns (variables, unexpected)."""
+  dicts of numpy arrays) for `fgjax.models.resnet.ResNet`. Returns (variables, unexpected).
+
+  Also timm's attention in the blocks (`fgjax.models.resnet`, `attn`): `layer{s}.{j}.se.*`
+  (seresnet, CBAM, Gather-Excite) -> `layer{s}_{j}/se/...`; skresnet's Selective Kernel
+  `layer{s}.{j}.conv{n}.paths.{i}.*`, `.attn.*` -> `layer{s}_{j}/conv{n}/paths_{i}/...`,
+  `.../attn/...`, and its ConvNormAct convs `conv{n}.conv`, `conv{n}.bn` -> `conv{n}`,
+  `bn{n}`."""
   params: dict[str, np.ndarray] = {}
   stats: dict[str, np.ndarray] = {}
   unexpected = []
   layer_re = re.compile(r"layer(\d)\.(\d+)\.(.+)$")
-  bn_fields = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-               "running_mean": ("stats", "mean"), "running_var": ("stats", "var")}
   for k, v in sd.items():
     v = np.asarray(v)
     mod, _, field = k.rpartition(".")
-    if m := layer_re.match(mod):
-      s, j, sub = m.groups()
-      sub = {"downsample.0": "downsample_conv", "downsample.1": "downsample_bn"}.get(sub, sub)
-      mod = f"layer{s}_{j}/{sub}"
     if field == "num_batches_tracked":
       continue
-    name = mod.rsplit("/", 1)[-1]
-    if name.startswith("conv") or name == "downsample_conv":
-      if field != "weight":
-        unexpected.append(k)
-        continue
-      params[f"{mod}/kernel"] = np.ascontiguousarray(v.transpose(2, 3, 1, 0))
-    elif name.startswith("bn") or name == "downsample_bn":
-      if field not in bn_fields:
-        unexpected.append(k)
-        continue
-      where, leaf = bn_fields[field]
-      (params if where == "params" else stats)[f"{mod}/{leaf}"] = v
-    elif mod == "fc":
-      params[f"fc/{'kernel' if field == 'weight' else 'bias'}"] = _t(v) if field == "weight" \
-          else v
-    else:
+    if m := layer_re.match(mod):
+      s, j, sub = m.groups()
+      if sub in ("downsample.0", "downsample.1"):
+        sub = "downsample_" + ("conv" if sub.endswith("0") else "bn")
+      elif cn := re.fullmatch(r"conv(\d)\.(conv|bn)", sub):  # timm's ConvNormAct (skresnet)
+        sub = f"{cn.group(2)}{cn.group(1)}"
+      else:
+        sub = _torch_module_path(sub)
+      mod = f"layer{s}_{j}/{sub}"
+    elif mod != "fc" and not re.fullmatch(r"(conv|bn)\d", mod):
+      unexpected.append(k)  # top level: only the stem and the head
+      continue
+    if not _put_cnn_leaf(mod, field, v, params, stats):
+      unexpected.append(k)
+  unflat = lambda d: traverse_util.unflatten_dict(d, sep="/")
+  return {"params": unflat(params), "batch_stats": unflat(stats)}, unexpected
+
+
+def timm_attn_to_variables(sd: Mapping[str, np.ndarray]) -> tuple[dict, list[str]]:
+  """Renames the state dict of one timm attention module (`SEModule`, `CbamModule`,
+  `SelectiveKernel`, `GatherExcite`) to fgjax `{"params", "batch_stats"}` for its
+  `fgjax.models.channel_attention` counterpart ('spatial.conv.bn.weight' ->
+  params['spatial']['conv']['bn']['scale'], 'paths.0.conv.weight' -> ['paths_0']['conv']
+  ['kernel'], 1x1 convs -> Dense kernels). Returns (variables, unexpected)."""
+  params: dict[str, np.ndarray] = {}
+  stats: dict[str, np.ndarray] = {}
+  unexpected = []
+  for k, v in sd.items():
+    mod, _, field = k.rpartition(".")
+    if field == "num_batches_tracked":
+      continue
+    if not mod or not _put_cnn_leaf(_torch_module_path(mod), field, np.asarray(v), params,
+                                    stats):
       unexpected.append(k)
   unflat = lambda d: traverse_util.unflatten_dict(d, sep="/")
   return {"params": unflat(params), "batch_stats": unflat(stats)}, unexpected

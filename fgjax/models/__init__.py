@@ -76,14 +76,20 @@ for _size in ("tiny", "small", "base", "large"):
   register(f"transfg_{_size}_patch16")(_transfg_factory(_size))
 
 
-def _resnet_factory(depth: int):
+def _resnet_factory(depth: int, attn: str | None = None):
+  """A ResNet; `attn` ("se", "cbam", "sk", "ge"; `fgjax.models.resnet`) in every block, the
+  default of the timm-named aliases (`seresnet50` = `resnet50` with attn="se")."""
   def make(num_classes: int, img_size=224, **kw):
+    kw.setdefault("attn", attn)
     return resnet.ResNet(num_classes=num_classes, depth=depth, img_size=img_size, **kw)
   return make
 
 
 for _depth in (18, 34, 50, 101):
   register(f"resnet{_depth}")(_resnet_factory(_depth))
+  register(f"seresnet{_depth}")(_resnet_factory(_depth, "se"))  # timm's seresnet*
+for _depth in (18, 34, 50):
+  register(f"skresnet{_depth}")(_resnet_factory(_depth, "sk"))  # timm's skresnet*
 
 
 def _vgg_factory(depth: int, batch_norm: bool):
@@ -107,9 +113,9 @@ def _resnet_backbone(depth: int, img_size, dtype, widths=None, **resnet_kw):
 
 
 def _pmg_resnet_factory(depth: int):
-  """PMG heads on a ResNet's layer2/3/4 (spec section 5)."""
-  def make(num_classes: int, img_size=448, dtype=None, **kw):
-    backbone, dt = _resnet_backbone(depth, img_size, dtype)
+  """PMG heads on a ResNet's layer2/3/4 (spec section 5); `attn` goes to the ResNet."""
+  def make(num_classes: int, img_size=448, dtype=None, attn=None, **kw):
+    backbone, dt = _resnet_backbone(depth, img_size, dtype, attn=attn)
     return pmg.PMG(num_classes=num_classes, backbone=backbone, **dt, **kw)
   return make
 
@@ -162,11 +168,11 @@ def _pmg_cnn_small(num_classes: int, img_size=64, dtype=None, widths=(16, 32, 64
 def _cal_resnet_factory(depth: int):
   """CAL (WS-DAN + counterfactual attention, spec section 4) on a ResNet's layer4, at the
   reference's output stride 16 (layer4 at stride 1, not dilated: 28 x 28 maps at 448);
-  `output_stride=32` gives torchvision's layer4 (14 x 14)."""
+  `output_stride=32` gives torchvision's layer4 (14 x 14); `attn` goes to the ResNet."""
   def make(num_classes: int, img_size=448, dtype=None, widths=None, output_stride=16,
-           dilate=False, **kw):
+           dilate=False, attn=None, **kw):
     backbone, dt = _resnet_backbone(depth, img_size, dtype, widths,
-                                    output_stride=output_stride, dilate=dilate)
+                                    output_stride=output_stride, dilate=dilate, attn=attn)
     return cal.CAL(num_classes=num_classes, backbone=backbone, **dt, **kw)
   return make
 
