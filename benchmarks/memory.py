@@ -12,9 +12,11 @@ models (abstract shapes only), so ViT-L/16 at 448 is measured on a laptop.
 The numbers come from the backend the script runs on: on a GPU they are what XLA:GPU will
 allocate (plus the runtime's own reserve); on the CPU backend they estimate it (XLA:CPU fuses
 and schedules differently). `--remat` rows use `remat=True` (every ViT block recomputed in the
-backward pass); ResNet- and VGG-based models have no remat option. RA-CNN has two rows, one
-per phase of its alternation (the classifiers' cross-entropy at three scales with the squares
-held fixed; the APNs' ranking loss through the crops), each with AdamW on its own group. `--attention` names the ViT
+backward pass; for RegNetY-16GF at 960 every block, `fgjax.models.regnet`); ResNet- and
+VGG-based models have no remat option. RegNetY-16GF (the FGVC9 Sorghum backbone, spec
+section 8) is trained with the `classifier` method (cross-entropy) at 512 and 960. RA-CNN has
+two rows, one per phase of its alternation (the classifiers' cross-entropy at three scales with
+the squares held fixed; the APNs' ranking loss through the crops), each with AdamW on its own group. `--attention` names the ViT
 attention paths to compare (`fgjax.models.attention`): "materialized" keeps every block's
 (B, heads, T, T) probabilities for the backward pass (fgjax before 2026-12-02), "auto" is the
 default memory-efficient path (chunked with a recomputing VJP on the CPU, cuDNN flash attention
@@ -48,7 +50,10 @@ MODELS = {  # key: (label, fgjax name, kind, img, remat supported: a ViT)
                           False),
     "racnn_v19_448_apn": ("RA-CNN-VGG19 APN phase", "racnn_vgg19", "racnn_apn", 448, False),
     "trs_ti224": ("TRS-DeiT-Ti/16", "trs_deit_tiny_patch16", "trs", 224, True),
+    "regnety160_512": ("RegNetY-16GF", "regnety_160", "classifier", 512, False),
+    "regnety160_960": ("RegNetY-16GF", "regnety_160", "classifier", 960, False),
 }
+REMAT_CNNS = ("regnety160_960",)  # CNN rows also measured with remat=True (each block)
 GIB = 1024 ** 3
 
 
@@ -56,7 +61,8 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--models", default="trs_b448,transfg_b448,transfg_l448,pmg_r50_448,"
-                                     "cal_r101_448,racnn_v19_448_cls,racnn_v19_448_apn")
+                                     "cal_r101_448,racnn_v19_448_cls,racnn_v19_448_apn,"
+                                     "regnety160_512,regnety160_960")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--batches", default="2,4", help="the two per-device batches to fit")
   p.add_argument("--device-gib", default="16,80")
@@ -123,7 +129,8 @@ def main(argv=None):
   b1, b2 = args.batch_pair
   for key in args.model_keys:
     label, _, _, img, is_vit = MODELS[key]
-    remats = (False,) if not is_vit or args.no_remat else (False, True)
+    has_remat = is_vit or key in REMAT_CNNS
+    remats = (False,) if not has_remat or args.no_remat else (False, True)
     for impl in (args.attention_impls if is_vit else ["-"]):
       for remat in remats:
         print(f"[{label} @ {img} attention {impl}{' remat' if remat else ''}] ...", end="",

@@ -1,5 +1,5 @@
 """Pretrained-weight import: timm/DeiT/torchvision `.pth`, `.safetensors`, Google ViT `.npz`,
-fgjax `.npz` (ViT/DeiT, ResNet, VGG).
+fgjax `.npz` (ViT/DeiT, ResNet, RegNet, VGG).
 
     params = fgjax.convert.load_checkpoint(path, "deit_base_distilled_patch16",
                                            img_size=448, num_classes=200)
@@ -11,13 +11,13 @@ What happens (the same steps as timm's `checkpoint_filter_fn` and big_vision's `
    is used only as a fallback for legacy pre-1.6 files). A state dict nested under `"model"`,
    `"state_dict"` or `"module"` and DDP's `module.` prefix are unwrapped.
 2. The tensors are renamed to fgjax's parameter tree (timm names -> `blocks_{i}/attn/qkv/...`;
-   Google names -> the same, fusing query/key/value into `qkv`; timm/torchvision ResNets and
-   VGGs -> their layouts, BatchNorm statistics into `batch_stats`).
+   Google names -> the same, fusing query/key/value into `qkv`; timm/torchvision ResNets,
+   timm RegNets and VGGs -> their layouts, BatchNorm statistics into `batch_stats`).
 3. The position embedding is resampled to the model's token grid (timm-exact antialiased
    bicubic, prefix tokens kept apart: 2 for DeiT, 1 for ViT).
-4. The heads (`head`, `head_dist`, `fc`, VGG's `classifier_6`) are re-initialised when the
-   checkpoint's class count differs from `num_classes` (or when the checkpoint has no head); a
-   VGG with the "gap" head drops torchvision's classifier.
+4. The heads (`head`, `head_dist`, `fc`, VGG's `classifier_6`, RegNet's `head/fc`) are
+   re-initialised when the checkpoint's class count differs from `num_classes` (or when the
+   checkpoint has no head); a VGG with the "gap" head drops torchvision's classifier.
 5. Everything else must match the model exactly: otherwise a `CheckpointMismatchError` lists the
    missing keys, the unexpected keys and the shape mismatches.
 """
@@ -40,7 +40,7 @@ from fgjax.convert.resample import resample_pos_embed
 log = logging.getLogger(__name__)
 
 FGJAX_NPZ_MARKER = "__fgjax_meta__"
-HEAD_NAMES = ("head", "head_dist", "fc", "classifier_6")
+HEAD_NAMES = ("head", "head_dist", "fc", "classifier_6", "head/fc")  # head/fc: RegNet
 VGG_CLASSIFIER = ("classifier_0", "classifier_3", "classifier_6")  # torchvision's classifier
 
 
@@ -284,6 +284,28 @@ def timm_resnet_to_variables(sd: Mapping[str, np.ndarray]) -> tuple[dict, list[s
   return {"params": unflat(params), "batch_stats": unflat(stats)}, unexpected
 
 
+def timm_regnet_to_variables(sd: Mapping[str, np.ndarray]) -> tuple[dict, list[str]]:
+  """Renames a timm RegNet state dict to fgjax `{"params", "batch_stats"}` for
+  `fgjax.models.regnet.RegNet`: `stem.{conv,bn}`, `s{i}.b{j}.{conv1,conv2,conv3,downsample}.
+  {conv,bn}`, `s{i}.b{j}.se.{fc1,fc2}` (1x1 convs -> Dense kernels) and `head.fc` keep their
+  paths ('s1.b1.conv2.conv.weight' -> params['s1']['b1']['conv2']['conv']['kernel'], grouped
+  kernels (O, I / groups, 3, 3) -> (3, 3, I / groups, O)). Returns (variables, unexpected)."""
+  params: dict[str, np.ndarray] = {}
+  stats: dict[str, np.ndarray] = {}
+  unexpected = []
+  known = re.compile(r"stem\.(conv|bn)|head\.fc|s\d\.b\d+\.((conv[123]|downsample)\.(conv|bn)"
+                     r"|se\.fc[12])")
+  for k, v in sd.items():
+    mod, _, field = k.rpartition(".")
+    if field == "num_batches_tracked":
+      continue
+    if not known.fullmatch(mod) or not _put_cnn_leaf(_torch_module_path(mod), field,
+                                                      np.asarray(v), params, stats):
+      unexpected.append(k)
+  unflat = lambda d: traverse_util.unflatten_dict(d, sep="/")
+  return {"params": unflat(params), "batch_stats": unflat(stats)}, unexpected
+
+
 def timm_attn_to_variables(sd: Mapping[str, np.ndarray]) -> tuple[dict, list[str]]:
   """Renames the state dict of one timm attention module (`SEModule`, `CbamModule`,
   `SelectiveKernel`, `GatherExcite`) to fgjax `{"params", "batch_stats"}` for its
@@ -431,6 +453,8 @@ def _detect_and_rename(flat: Mapping[str, np.ndarray], path: str):
   cnn = None
   if any(k.startswith("layer1.0.") for k in keys):
     cnn = timm_resnet_to_variables
+  elif any(k.startswith("s1.b1.") for k in keys):
+    cnn = timm_regnet_to_variables
   elif "features.0.weight" in flat and np.ndim(flat["features.0.weight"]) == 4:
     cnn = timm_vgg_to_variables
   if cnn is not None:
@@ -438,9 +462,9 @@ def _detect_and_rename(flat: Mapping[str, np.ndarray], path: str):
     flat_of = lambda d: traverse_util.flatten_dict(d, sep="/")
     return (flat_of(variables["params"]), unexpected,
             {"batch_stats": flat_of(variables["batch_stats"])})
-  raise CheckpointError(f"{path}: not a ViT/DeiT/ResNet/VGG checkpoint (no timm 'blocks.*', "
-                        f"'layer1.*' or 'features.0.*', Google 'Transformer/*' or fgjax "
-                        f"'params/*' keys; first keys: {keys[:8]})")
+  raise CheckpointError(f"{path}: not a ViT/DeiT/ResNet/VGG checkpoint nor a RegNet one (no "
+                        f"timm 'blocks.*', 'layer1.*', 's1.b1.*' or 'features.0.*', Google "
+                        f"'Transformer/*' or fgjax 'params/*' keys; first keys: {keys[:8]})")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -12,7 +12,7 @@ from typing import Callable
 
 import flax.linen as nn
 
-from fgjax.models import cal, cnn, pmg, racnn, resnet, vgg, vit
+from fgjax.models import cal, cnn, pmg, racnn, regnet, resnet, vgg, vit
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -90,6 +90,17 @@ for _depth in (18, 34, 50, 101):
   register(f"seresnet{_depth}")(_resnet_factory(_depth, "se"))  # timm's seresnet*
 for _depth in (18, 34, 50):
   register(f"skresnet{_depth}")(_resnet_factory(_depth, "sk"))  # timm's skresnet*
+
+
+def _regnet_factory(variant: str):
+  """A RegNetY (timm layout, SE in every block; `fgjax.models.regnet`)."""
+  def make(num_classes: int, img_size=224, **kw):
+    return regnet.create(variant, num_classes, img_size, **kw)
+  return make
+
+
+for _variant in regnet.VARIANTS:  # regnety_016, regnety_032, regnety_160
+  register(_variant)(_regnet_factory(_variant))
 
 
 def _vgg_factory(depth: int, batch_norm: bool):

@@ -83,8 +83,8 @@ def _mean(x, axis):
 
 
 class ConvBN(nn.Module):
-  """timm's `ConvNormAct`: `conv` (no bias, timm's symmetric padding) -> BatchNorm `bn`
-  [-> ReLU]."""
+  """timm's `ConvNormAct`: `conv` (no bias, timm's symmetric padding; `groups` > 1: a grouped
+  conv, initialised with timm's fan-out / groups) -> BatchNorm `bn` [-> ReLU]."""
   features: int
   kernel_size: int = 3
   stride: int = 1
@@ -92,14 +92,18 @@ class ConvBN(nn.Module):
   act: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  groups: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     k, s, dil = self.kernel_size, self.stride, self.dilation
     pad = ((s - 1) + dil * (k - 1)) // 2  # timm's get_padding
+    init = _init if self.groups == 1 else nn.initializers.variance_scaling(
+        2.0 * self.groups, "fan_out", "normal")  # N(0, 2 / (k * k * features / groups))
     y = nn.Conv(self.features, (k, k), strides=(s, s), padding=((pad, pad), (pad, pad)),
-                kernel_dilation=(dil, dil), use_bias=False, dtype=self.dtype,
-                param_dtype=self.param_dtype, kernel_init=_init, name="conv")(x)
+                kernel_dilation=(dil, dil), feature_group_count=self.groups, use_bias=False,
+                dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init,
+                name="conv")(x)
     y = _bn(self.dtype, self.param_dtype, "bn")(y, use_running_average=not train)
     return nn.relu(y) if self.act else y
 
