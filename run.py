@@ -8,8 +8,11 @@ r"""fgjax command line: train, evaluate, predict, visualise and export teacher p
   python run.py --config=configs/trs_deit_cub.py:runlocal       # a tiny quick run
   python run.py --mode=eval --workdir=runs/trs_deit_cub          # test split, best/last ckpt
   python run.py --mode=predict --workdir=runs/trs_deit_cub img1.jpg img2.jpg
+  python run.py --mode=predict --workdir=W --images=DIR --output=submission.csv [--top_k=3]
+  python run.py --mode=eval --workdir=W --tta=flip    # TTA; also per_class.csv, confusion.png
   python run.py --mode=visualize --workdir=runs/trs_deit_cub img1.jpg   # rollout + patches PNG
   python run.py --mode=export_teacher --workdir=runs/cal_cub     # teacher_predictions.npz
+  python run.py --mode=pseudo_label --workdir=W --images=DIR     # W/pseudo_labels.csv
 
 Multi-host: `--coordinator_address=host:port --num_processes=N --process_id=i` (or the
 usual JAX environment variables; automatic on TPU) call `jax.distributed.initialize`.
@@ -36,11 +39,26 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "visualize",
-                                            "export_teacher"], "What to do.")
-_OUTPUT = flags.DEFINE_string("output", None, "Output path for export_teacher/visualize.")
+                                            "export_teacher", "pseudo_label"], "What to do.")
+_OUTPUT = flags.DEFINE_string("output", None, "Output path for export_teacher/visualize, the "
+                              "submission CSV of predict, the error-analysis folder of eval.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "predict: the submission CSV's top-k columns "
+                              "(class_2..class_K, prob_1..prob_K); 0: filename,class only.")
+_TTA = flags.DEFINE_string("tta", None, "eval/predict: test-time augmentation preset, overrides "
+                           "config.eval.tta (none, flip, multicrop, multiscale, cal8).")
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "last"],
                                 "Which checkpoint eval/predict/visualize/export use.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "visualize: test images when no files given.")
+_IMAGES = flags.DEFINE_string("images", None, "predict/pseudo_label: a folder of images "
+                              "(searched recursively) or a text file of image paths.")
+_SPLIT = flags.DEFINE_string("split", None, "pseudo_label: a split of the run's dataset (e.g. "
+                             "test) instead of --images.")
+_THRESHOLD = flags.DEFINE_float("threshold", None, "pseudo_label: keep predictions with top-1 "
+                                "probability >= this (default: config pseudo_label.threshold, "
+                                "0.9).")
+_MAX_PER_CLASS = flags.DEFINE_integer("max_per_class", None, "pseudo_label: at most this many "
+                                      "images per predicted class (default: config "
+                                      "pseudo_label.max_per_class, 0: no cap).")
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show full tracebacks for input errors.")
 _COORD = flags.DEFINE_string("coordinator_address", None, "Multi-host coordinator host:port.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
@@ -161,12 +179,19 @@ def main(argv):
         modes.visualize(workdir, [], num_images=n_vis, which=result["selected"],
                         required=False)
     elif _MODE.value == "eval":
-      modes.evaluate_checkpoint(workdir, config, which=_CHECKPOINT.value)
+      modes.evaluate_checkpoint(workdir, config, which=_CHECKPOINT.value, tta=_TTA.value,
+                                output=_OUTPUT.value)
     elif _MODE.value == "predict":
-      modes.predict(workdir, images, which=_CHECKPOINT.value)
+      modes.predict(workdir, images, which=_CHECKPOINT.value, images=_IMAGES.value,
+                    output=_OUTPUT.value, csv_top_k=_TOP_K.value, tta=_TTA.value)
     elif _MODE.value == "visualize":
       modes.visualize(workdir, images, output=_OUTPUT.value, which=_CHECKPOINT.value,
                       config=config, num_images=_NUM_IMAGES.value)
+    elif _MODE.value == "pseudo_label":
+      modes.pseudo_label(workdir, images=_IMAGES.value or images or None, split=_SPLIT.value,
+                         output=_OUTPUT.value, which=_CHECKPOINT.value, config=config,
+                         threshold=_THRESHOLD.value, max_per_class=_MAX_PER_CLASS.value,
+                         tta=_TTA.value)
     elif _MODE.value == "export_teacher":
       modes.export_teacher(workdir, output=_OUTPUT.value, which=_CHECKPOINT.value,
                            config=config)

@@ -43,6 +43,7 @@ def base_config(method: str = "classifier") -> ml_collections.ConfigDict:
       resize_size=256, resize_mode="shorter", interpolation="bilinear", normalize="imagenet",
       backend="opencv", draft_decode=True, worker_count=0, prefetch=2,
       skip_bad_images=False, source_kwargs={}, split_kwargs={},
+      pseudo_labels="",  # a pseudo-label CSV (fgjax.toolkit.pseudo_labels): its images join train
       augment=dict(flip=True, sharpness=0.0, randaugment=None, autoaugment=False,
                    color_jitter=(0.0, 0.0, 0.0), crop_padding=0)))
   c.batch_size = 64
@@ -63,8 +64,21 @@ def base_config(method: str = "classifier") -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = None
   c.checkpoint_every_epochs = None
   c.keep_checkpoints = 3
+  # Attention-region random crops (fgjax.toolkit.crops, docs/toolkit.md): from epoch
+  # start_epoch, every every_epochs, each training image's crop is the best of num_boxes random
+  # boxes (box_size: fractions of the sides) by the attended pixels of the model's map (auto:
+  # ViT rollout, CNN CAM) at threshold x its max (or mean); kind="scda": SCDA's box instead.
+  c.crop = ml_collections.ConfigDict(dict(
+      enabled=False, kind="random_box", start_epoch=1, every_epochs=1, map="auto",
+      threshold=0.5, threshold_of="max", box_size=(0.6, 0.6), num_boxes=32))
   c.visualize_examples = 0  # run.py draws the first N test images after training (if the method draws)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # Test-time augmentation of every evaluation and prediction (fgjax.toolkit.tta): "none",
+  # "flip", "multicrop", "multiscale", "cal8"; docs/toolkit.md "Test-time augmentation".
+  c.eval = ml_collections.ConfigDict(dict(tta="none"))
+  # run.py --mode=pseudo_label: keep predictions with top-1 probability >= threshold, at most
+  # max_per_class per predicted class (0: no cap); docs/toolkit.md "Pseudo-labels".
+  c.pseudo_label = ml_collections.ConfigDict(dict(threshold=0.9, max_per_class=0))
   # A rerun into a workdir whose config.json differs in other keys than intervals, steps and
   # worker counts is refused; True resumes with this config (the old one kept as
   # config.<n>.json). docs/failures.md.

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import subprocess
+import sys
 import uuid
 from typing import Sequence
 
@@ -628,3 +630,34 @@ def interrupted_run(cfg, workdir, monkeypatch, at_step: int):
   monkeypatch.setattr(logs.ProgressBar, "update", orig)
   assert signal.getsignal(signal.SIGTERM) is not None
   trainer.train_and_evaluate(cfg, str(workdir))  # resumes at at_step
+
+
+# ----------------------------------------------------------------------------- run.py and configs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_py(*args, timeout=600) -> subprocess.CompletedProcess:
+  """`python run.py ARGS` in a subprocess, as a user runs it (the real device count: 1 CPU)."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  env.pop("XLA_FLAGS", None)
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def check_ok(proc):
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  return proc
+
+
+def set_keys(config, over: dict):
+  """`config` with each dotted key of `over` ("optim.lr") set to its value."""
+  for key, value in over.items():
+    node = config
+    *path, last = key.split(".")
+    for name in path:
+      node = node[name]
+    node[last] = value
+  return config

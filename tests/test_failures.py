@@ -129,6 +129,35 @@ def test_config_differences_ignore_resolved_keys_and_list_resumable_ones():
   assert not workdir_lib._matches("optim.warmup_steps", workdir_lib.RESUMABLE)
 
 
+def test_keys_added_later_compare_as_their_old_behaviour():
+  """A config.json saved before `eval.tta` existed resumes under a config that has it at
+  "none" (what fgjax did then), and not at another value; a key only the old side has still
+  differs."""
+  old = {"model": {"name": "resnet18", "kwargs": {}}, "data": {"name": "folder"}}
+  new = {"model": {"name": "resnet18", "kwargs": {"attn": None}},
+         "data": {"name": "folder", "pseudo_labels": ""}, "eval": {"tta": "none"}}
+  assert workdir_lib.differences(old, new) == []
+  new["eval"]["tta"] = "flip"
+  assert workdir_lib.differences(old, new) == [("eval.tta", "none", "flip")]
+  assert {k for k, _, _ in workdir_lib.differences(new, old)} >= {
+      "data.pseudo_labels", "eval.tta", "model.kwargs.attn"}
+
+
+def test_added_keys_hold_the_defaults_of_the_configs():
+  """`workdir.ADDED` says what a config without the key did: the base config's defaults (and
+  the ResNet recipes' `model.kwargs.attn`), so a run saved before the toolkit resumes."""
+  from configs import common, pmg_resnet50_cub
+  new = workdir_lib.as_json(common.base_config("classifier"))
+  flat = workdir_lib._flatten(new)
+  flat["model.kwargs.attn"] = pmg_resnet50_cub.get_config().model.kwargs.attn
+  assert {k: flat[k] for k in workdir_lib.ADDED} == workdir_lib.ADDED
+  old = json.loads(json.dumps(new))
+  for section in ("crop", "eval", "pseudo_label"):
+    del old[section]
+  del old["data"]["pseudo_labels"]
+  assert workdir_lib.differences(old, new) == []
+
+
 def test_changed_config_is_refused_before_anything_is_written(trained, tmp_path):
   w = _copy(trained, tmp_path)
   before = _snapshot(w)

@@ -268,3 +268,27 @@ def test_checkpoint_head_reinit_parts_and_mismatches(tmp_path, monkeypatch):
 def test_bad_model_kwargs(kwargs, match):
   with pytest.raises(ValueError, match=match):
     models.create("regnety_016", 10, 224, **kwargs)
+
+
+def test_fgvc9_recipe_config(tmp_path):
+  """configs/fgvc9_regnety160_folder.py: the seed's choices at both resolutions (remat at 960,
+  SE RegNetY-16GF, AutoAugment, dropout, attention crops, TTA), an unknown resolution refused,
+  and the quick variant's pipelines reading a folder dataset."""
+  import data_fixtures as fx
+  from configs import fgvc9_regnety160_folder as recipe
+  c512, c960 = recipe.get_config("res=512"), recipe.get_config("res=960")
+  assert (c512.model.name, c512.model.img_size, c960.model.img_size) == ("regnety_160", 512, 960)
+  assert not c512.model.kwargs.remat and c960.model.kwargs.remat
+  assert c512.model.kwargs.drop_rate > 0 and c512.data.augment.autoaugment
+  assert c512.crop.enabled and c512.crop.map == "cam" and c512.eval.tta == "flip"
+  assert (c512.data.name, c512.optim.lr_base_batch) == ("folder", 64)
+  with pytest.raises(ValueError, match="res must be one of"):
+    recipe.get_config("res=640")
+  fx.check_config_reads_its_layout(recipe, lambda root, num_classes, per_class: fx.make_fake_folder(
+      root, classes=[f"c{i}" for i in range(num_classes)], per_class=per_class,
+      eval_dirs=("test",)), tmp_path, "folder")
+  quick = recipe.get_config("runlocal")
+  model = models.create(quick.model.name, 3, quick.model.img_size, **dict(quick.model.kwargs))
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, quick.model.img_size, quick.model.img_size, 3)))
+  assert shapes["params"]["head"]["fc"]["kernel"].shape[-1] == 3

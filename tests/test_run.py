@@ -2,8 +2,6 @@
 variants for one step on fake datasets in their real layouts, and the missing-dataset exit."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,21 +13,11 @@ from fgjax import data as fgdata
 from fgjax import teachers
 from fgjax.train import hostmem, logs, trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = fx.ROOT
 
 
-def _run(*args, timeout=600):
-  env = dict(os.environ)
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  env.pop("XLA_FLAGS", None)  # run.py as a user runs it: the real device count (1 CPU)
-  env.pop("JAX_NUM_CPU_DEVICES", None)
-  return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _ok(proc):
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-  return proc
+_run = fx.run_py
+_ok = fx.check_ok
 
 
 @pytest.mark.parametrize("config,needle", [

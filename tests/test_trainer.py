@@ -30,13 +30,7 @@ def tiny_config(**over):
   c.checkpoint_every_steps = 2
   c.optim.warmup_steps = 1
   c.optim.lr = 1e-3
-  for k, v in over.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return fx.set_keys(c, over)
 
 
 def _params(workdir, prefer="last"):

@@ -11,7 +11,11 @@ grain element is a whole batch, built by writing every example straight into pre
 batch arrays, so worker processes (`worker_count`, grain `mp_prefetch`) each build whole
 batches and the output is the same for any worker count. The loader's `get_state()` /
 `set_state()` (grain iterator state, a JSON-serialisable dict) resume exactly: a restored
-loader yields the batches an uninterrupted one would have.
+loader yields the batches an uninterrupted one would have. With `crop_boxes` ((N, 4) normalised
+x0, y0, x1, y1 per example of the source, in its order: the attention-region crops of
+`fgjax.toolkit.crops`) each example is first cut to its box, then augmented as usual; a loader
+with other boxes takes the state of one without (the state counts stream positions only), which
+is how the trainer swaps in new crops at an epoch boundary.
 
 Eval (`make_eval_loader`): one pass in order; the last global batch is padded (with copies of
 example 0) and a boolean `mask` marks the real examples, so every example is seen exactly once
@@ -184,13 +188,22 @@ class TrainBatch(_BatchBuilder):
   def __init__(self, source, image_size, resize_size, resize_mode, normalize, num_parts,
                interpolation, backend, draft, host_normalize, *, index: grain.MapDataset,
                seed: int, global_batch_size: int, shard_index: int, shard_count: int,
-               **augment):
+               crop_boxes: np.ndarray | None = None, **augment):
     super().__init__(source, image_size, resize_size, resize_mode, normalize, num_parts,
                      interpolation, backend, draft, host_normalize)
     self.index, self.seed = index, int(seed)
     self.global_batch_size = int(global_batch_size)
     self.shard_index, self.shard_count = int(shard_index), int(shard_count)
+    self.crop_boxes = crop_boxes
     self.augment = augment
+
+  def _decode_size(self, crop_box) -> int | None:
+    """The draft decoding bound for an example cut to `crop_box` first: large enough that the
+    window's shorter side still reaches resize_size."""
+    if self.min_size is None or crop_box is None:
+      return self.min_size
+    side = min(float(crop_box[2] - crop_box[0]), float(crop_box[3] - crop_box[1]))
+    return int(math.ceil(self.min_size / max(side, 1e-3)))
 
   def __call__(self, b):
     local = self.global_batch_size // self.shard_count
@@ -198,7 +211,9 @@ class TrainBatch(_BatchBuilder):
     for k in range(local):
       q = int(b) * self.global_batch_size + self.shard_index + k * self.shard_count
       rng = np.random.default_rng((self.seed, _AUGMENT_STREAM, q))
-      img, rec = self.source.get(int(self.index[q]), min_size=self.min_size,
+      i = int(self.index[q])
+      crop_box = None if self.crop_boxes is None else self.crop_boxes[i]
+      img, rec = self.source.get(i, min_size=self._decode_size(crop_box),
                                  decoder=self.backend)
       u8, boxes = transforms.train_crop(img, rng, image_size=self.image_size,
                                         resize_size=self.resize_size,
@@ -206,7 +221,7 @@ class TrainBatch(_BatchBuilder):
                                         interpolation=self.interpolation,
                                         backend=self.backend,
                                         boxes=self._boxes_in(rec), part_flip=self.part_flip,
-                                        **self.augment)
+                                        crop_box=crop_box, **self.augment)
       self._fill(out, k, rec, u8, boxes)
     return out
 
@@ -361,6 +376,22 @@ def _check_sizes(source, global_batch_size, shard_count, image_size, resize_size
                      f"fit (config.data.resize_size)")
 
 
+def check_crop_boxes(crop_boxes, num_examples: int) -> np.ndarray:
+  """`crop_boxes` as float32 (N, 4) normalised x0, y0, x1, y1, one row per example; a clear
+  error for another shape or a box outside [0, 1] or empty."""
+  b = np.asarray(crop_boxes, np.float32)
+  if b.shape != (int(num_examples), 4):
+    raise ValueError(f"crop_boxes must be ({num_examples}, 4), one normalised x0, y0, x1, y1 "
+                     f"box per training example; got shape {b.shape}")
+  bad = ~np.isfinite(b).all(1) | (b.min(1) < 0) | (b.max(1) > 1) | (b[:, 2] <= b[:, 0]) \
+      | (b[:, 3] <= b[:, 1])
+  if bad.any():
+    i = int(np.flatnonzero(bad)[0])
+    raise ValueError(f"crop_boxes[{i}] = {b[i].tolist()} is not a box inside [0, 1] with "
+                     f"x1 > x0 and y1 > y0 ({int(bad.sum())} such rows)")
+  return b
+
+
 def make_train_loader(source: Source, *, global_batch_size: int, image_size: int,
                       resize_size: int | None = None, seed: int = 0, normalize: str = "imagenet",
                       resize_mode: str = "shorter", square_resize: bool = False,
@@ -372,7 +403,7 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
                       host_normalize: bool = False,
                       max_parts: int | None = None, worker_count: int = 0, prefetch: int = 2,
                       threads: int | None = None, shard_index: int | None = None,
-                      shard_count: int | None = None) -> Loader:
+                      shard_count: int | None = None, crop_boxes=None) -> Loader:
   """Infinite, reshuffled, augmented per-process batches of global_batch_size / shard_count.
 
   Transform: resize (shorter side to `resize_size`, default image_size * 8 / 7; or the whole
@@ -387,7 +418,9 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
   `backend` "opencv" or "pil"; `draft` JPEG decoding at a reduced DCT scale (module docstring).
   `shard_index` / `shard_count` default to jax.process_index() / jax.process_count().
   `worker_count` > 0 builds batches in that many grain worker processes; `threads` threads per
-  process (default min(4, cores)); `prefetch` batches buffered.
+  process (default min(4, cores)); `prefetch` batches buffered. `crop_boxes` (N, 4): each
+  example is first cut to its normalised x0, y0, x1, y1 box (`transforms.crop_to_box`; the
+  attention-region crops), then transformed as above.
   """
   shard_index, shard_count = _process_shard(shard_index, shard_count)
   image_size = int(image_size)
@@ -396,12 +429,15 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
   _check_sizes(source, global_batch_size, shard_count, image_size, resize_size, resize_mode,
                "train")
   ra_ops, ra_mag = _parse_randaugment(randaugment)
+  if crop_boxes is not None:
+    crop_boxes = check_crop_boxes(crop_boxes, len(source))
   index = grain.MapDataset.range(len(source)).seed(int(seed)).shuffle().repeat()
   fn = TrainBatch(source, image_size, resize_size, resize_mode, normalize,
                   _box_layout(source, max_parts), interpolation, backend, bool(draft),
                   bool(host_normalize), index=index, seed=int(seed),
                   global_batch_size=int(global_batch_size), shard_index=shard_index,
-                  shard_count=shard_count, flip=bool(flip), sharpness=float(sharpness or 0.0),
+                  shard_count=shard_count, crop_boxes=crop_boxes, flip=bool(flip),
+                  sharpness=float(sharpness or 0.0),
                   sharpness_p=float(sharpness_p), randaugment_ops=ra_ops,
                   randaugment_magnitude=ra_mag, autoaugment=bool(autoaugment),
                   color_jitter=transforms.parse_color_jitter(color_jitter),

@@ -36,6 +36,10 @@ x, y, visible; CUB's part locations) follow it too: a point the crop leaves out 
 not visible) becomes (-1, -1, 0), and a flip also swaps the rows of left and right parts
 (`part_flip`, e.g. CUB's left eye <-> right eye), so every row keeps naming the bird's own part.
 RandAugment / AutoAugment geometric ops (rotate, shear, translate) do not move boxes or points.
+
+A `crop_box` (normalised x0, y0, x1, y1 of the decoded image, `crop_to_box`; the attention-region
+crops of `fgjax.toolkit.crops`) cuts the image to that window first, with its boxes and points;
+the train augmentation then runs on the window as on a whole image.
 """
 from __future__ import annotations
 
@@ -212,6 +216,61 @@ def transform_annotations(boxes: dict | None, geom, image_size: int, flip: bool,
     out[k] = transform_points(v, geom, image_size, flip, part_flip) if k in POINT_KEYS \
         else transform_boxes(v, geom, image_size, flip)
   return out
+
+
+def box_pixels(box, w: int, h: int) -> tuple[int, int, int, int]:
+  """A normalised (x0, y0, x1, y1) box -> its pixel window (x0, y0, x1, y1) in a w x h image:
+  the start rounded down, the end up, inside the image and at least one pixel wide."""
+  b = np.asarray(box, np.float64).reshape(4)
+  if not np.all(np.isfinite(b)):
+    raise ValueError(f"crop box {b.tolist()} is not finite")
+  eps = 1e-6  # 0.5 * 40 must stay pixel 20, not 19.99...
+  x0 = int(np.clip(np.floor(b[0] * w + eps), 0, w - 1))
+  y0 = int(np.clip(np.floor(b[1] * h + eps), 0, h - 1))
+  x1 = int(np.clip(np.ceil(b[2] * w - eps), x0 + 1, w))
+  y1 = int(np.clip(np.ceil(b[3] * h - eps), y0 + 1, h))
+  return x0, y0, x1, y1
+
+
+def _window_annotations(boxes: dict | None, x0: int, y0: int, w: int, h: int) -> dict:
+  """Boxes and points of a record in the pixels of the window at (x0, y0) of size w x h:
+  boxes clipped to it (outside or invalid: -1), points outside it (-1, -1, 0)."""
+  out = {}
+  for k, v in (boxes or {}).items():
+    if k in POINT_KEYS:
+      p = np.array(v, np.float32).reshape(-1, 3)
+      x, y = p[:, 0] - x0, p[:, 1] - y0
+      keep = (p[:, 2] > 0) & (x >= 0) & (x < w) & (y >= 0) & (y < h)
+      q = np.stack([x, y, p[:, 2]], 1)
+      q[~keep] = (-1.0, -1.0, 0.0)
+      out[k] = q.reshape(np.shape(v))
+      continue
+    b = np.array(v, np.float32)
+    if b.size == 0:
+      out[k] = b
+      continue
+    f = b.reshape(-1, 4).copy()
+    valid = (f[:, 2] > f[:, 0]) & (f[:, 3] > f[:, 1]) & (f.min(1) >= 0)
+    f[:, [0, 2]] = np.clip(f[:, [0, 2]] - x0, 0, w)
+    f[:, [1, 3]] = np.clip(f[:, [1, 3]] - y0, 0, h)
+    valid &= (f[:, 2] > f[:, 0]) & (f[:, 3] > f[:, 1])
+    f[~valid] = -1
+    out[k] = f.reshape(b.shape)
+  return out
+
+
+def crop_to_box(img, box, boxes: dict | None = None):
+  """The window of `img` (a uint8 (H, W, 3) array or a PIL image) that the normalised box
+  (x0, y0, x1, y1 in [0, 1] of the image's width and height; `box_pixels` rounds it outwards)
+  covers, with the record's boxes and points moved into it -> (window, annotations). The
+  window keeps the input's type."""
+  w, h = _size_of(img)
+  x0, y0, x1, y1 = box_pixels(box, w, h)
+  if isinstance(img, Image.Image):
+    win = img.crop((x0, y0, x1, y1))
+  else:
+    win = np.ascontiguousarray(np.asarray(img)[y0:y1, x0:x1])
+  return win, _window_annotations(boxes, x0, y0, x1 - x0, y1 - y0)
 
 
 # ----------------------------------------------------------------------------- augmentations
@@ -519,15 +578,19 @@ def train_crop(img, rng: np.random.Generator, *, image_size: int, resize_size: i
                randaugment_magnitude: float = 9.0, autoaugment: bool = False,
                boxes: dict | None = None, interpolation: str = "bilinear",
                color_jitter=(), backend: str = "opencv", crop_padding: int = 0,
-               part_flip=None):
+               part_flip=None, crop_box=None):
   """The train augmentation (module docstring) -> (uint8 (S, S, 3) crop, transformed boxes
-  and points; `part_flip`: the row order of the points after a flip).
+  and points; `part_flip`: the row order of the points after a flip). With `crop_box`
+  (normalised x0, y0, x1, y1: an attention-region crop) the image is first cut to that window
+  (`crop_to_box`), and everything below runs on the window.
   `img` is a uint8 (H, W, 3) array or a PIL image. The backends share this flow and differ
   only in the ops (`_crop`, `_flip`, `_sharpen`, `_jitter`), so they draw the same random
   numbers and make the same crop, flip and factors. `crop_padding` p: the crop window may
   reach p pixels past every side of the resized image, filled black (torchvision's
   RandomCrop(size, padding=p), as PMG's reference)."""
   check_backend(backend)
+  if crop_box is not None:
+    img, boxes = crop_to_box(img, crop_box, boxes)
   w, h = _size_of(img)
   rw, rh = resized_size(w, h, resize_size, resize_mode)
   pad = int(crop_padding)

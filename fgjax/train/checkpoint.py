@@ -4,6 +4,9 @@ Layout under the workdir:
   checkpoints/<step>/      the last `keep` train states (asynchronous orbax saves)
   best/<step>/             the best state by `val_top1` (only when a validation split exists)
   data_state/<step>/process_<i>.json   each process's input-pipeline iterator state
+  data_state/<step>/crops.process_<i>.npz   the attention-region crop boxes in use at that
+                           step (`fgjax.toolkit.crops`; only with `crop.enabled`), so a resumed
+                           run crops by the same boxes; deleted with the step's checkpoints
 The train state is a plain dict pytree ({"params", "opt", "step", ...}); restoring takes an
 abstract state (ShapeDtypeStructs with shardings) so arrays land sharded on the mesh.
 
@@ -32,6 +35,7 @@ import shutil
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from fgjax.train import quiet
@@ -229,6 +233,36 @@ class Checkpointer:
     except OSError as e:
       raise save_error(path, e) from e
 
+  def _crops_path(self, step: int) -> str:
+    return os.path.join(self.data_dir, str(step), f"crops.process_{jax.process_index()}.npz")
+
+  def _save_crops(self, step: int, crops: dict | None):
+    """Writes the crop arrays in use at `step` ({name: array}) beside its data state."""
+    if crops is None:
+      return
+    path = self._crops_path(step)
+    try:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path + ".tmp", "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in crops.items()})
+      os.replace(path + ".tmp", path)
+    except OSError as e:
+      raise save_error(path, e) from e
+
+  def load_crops(self, step: int) -> dict | None:
+    """The crop arrays saved with the checkpoint of `step` ({name: array}), None where there
+    are none; an unreadable file is named in a warning and counts as none (the trainer then
+    computes the crops again)."""
+    path = self._crops_path(step)
+    if not os.path.exists(path):
+      return None
+    try:
+      with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+    except Exception as e:  # noqa: BLE001 (a truncated or damaged file: zip or pickle errors)
+      log.warning("the crop boxes %s cannot be read (%s): they are computed again", path, e)
+      return None
+
   def _prune_data_state(self, keep_steps):
     if jax.process_index() != 0 or not os.path.isdir(self.data_dir):
       return
@@ -288,12 +322,15 @@ class Checkpointer:
         out += sorted(os.path.join(d, n) for n in os.listdir(d) if ".corrupt" in n)
     return out
 
-  def save(self, step: int, state, data_state=None, force: bool = False) -> bool:
-    """Starts an asynchronous save of `state` at `step` (no-op if that step exists)."""
+  def save(self, step: int, state, data_state=None, force: bool = False,
+           crops: dict | None = None) -> bool:
+    """Starts an asynchronous save of `state` at `step` (no-op if that step exists), with the
+    data-iterator state and the crop arrays in use (`crops`, {name: array}) beside it."""
     if step in self.last.all_steps():
       return False
     self.check()
     self._save_data_state(step, data_state)
+    self._save_crops(step, crops)
     saved = self._guarded(self.last, step, lambda: self.last.save(
         step, args=ocp.args.StandardSave(state), force=force))
     if saved:
@@ -301,9 +338,11 @@ class Checkpointer:
     self._prune_data_state(set(self.last.all_steps()) | set(self.best.all_steps()) | {step})
     return saved
 
-  def save_best(self, step: int, state, val_top1: float, data_state=None):
+  def save_best(self, step: int, state, val_top1: float, data_state=None,
+                crops: dict | None = None):
     self.check()
     self._save_data_state(step, data_state)
+    self._save_crops(step, crops)
     if self._guarded(self.best, step, lambda: self.best.save(
         step, args=ocp.args.StandardSave(state), metrics={"val_top1": float(val_top1)},
         force=True)):

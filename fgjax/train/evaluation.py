@@ -5,12 +5,17 @@
   the method's per-example values (e.g. part hits).
 - `evaluate(...)`: top-1, top-5 and mean per-class accuracy per head over a padded eval loader
   (every example counted once), plus the method's own metrics (`Method.summarize`).
-- `predict_batches` / `predict_source` / `predict_images`: the method's "logits" head for the
-  batches of a loader, a whole source or image files, sharded over every device (the
-  toolkit's entry points: TTA, ensembles, pseudo-labels, submissions).
+- `predict_batches` / `predict_source` / `predict_images` / `predict_files`: the method's
+  "logits" head for the batches of a loader, a whole source or image files, sharded over every
+  device (the toolkit's entry points: TTA, ensembles, pseudo-labels, submissions).
+
+Every step runs the method under the test-time augmentation of `config.eval.tta`
+(`fgjax.toolkit.tta`; "none" is the method's own `eval_outputs`), or the `tta` argument: with
+a preset, each head is the log of its probabilities averaged over the views.
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import jax
@@ -18,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fgjax import data as fgdata
+from fgjax.toolkit import tta as tta_lib
 from fgjax.train.setup import TrainingError, make_eval_iter, normalize_kind, pipeline_kwargs
 from fgjax.train import sharding
 
@@ -26,9 +32,12 @@ def _normalized(method, batch):
   return fgdata.normalize_batch(batch, normalize_kind(method.config))
 
 
-def make_eval_step(method):
+def make_eval_step(method, tta: str | None = None):
+  """The per-example evaluation of `method` under TTA `tta` (default `config.eval.tta`)."""
+  outputs = tta_lib.eval_outputs(method, tta)
+
   def eval_step(variables, batch):
-    heads, values = method.eval_outputs(variables, _normalized(method, batch))
+    heads, values = outputs(variables, _normalized(method, batch))
     labels = batch["label"]
     res = {"mask": batch["mask"], "label": labels, "values": dict(values)}
     for name, logits in heads.items():
@@ -74,19 +83,29 @@ def _gather(batches: Iterator, fn, variables, mesh) -> dict:
   return jax.tree.map(lambda *xs: np.concatenate(xs), *results)
 
 
-def evaluate(eval_step_jit, variables, batches: Iterator, mesh, num_classes: int,
-             method=None) -> dict:
+def eval_results(eval_step_jit, variables, batches: Iterator, mesh) -> dict:
+  """The eval step's per-example outputs over every batch ("mask", "label", "pred", ...;
+  padding rows included, `mask` says which are real); raises when there are none."""
   results = _gather(batches, eval_step_jit, variables, mesh)
   if not results:
     raise TrainingError("evaluation split is empty")
+  return results
+
+
+def evaluate(eval_step_jit, variables, batches: Iterator, mesh, num_classes: int,
+             method=None) -> dict:
+  results = eval_results(eval_step_jit, variables, batches, mesh)
   return summarize_eval(results, num_classes, method)
 
 
-def predict_batches(method, variables, batches: Iterator, mesh) -> dict[str, np.ndarray]:
+def predict_batches(method, variables, batches: Iterator, mesh,
+                    tta: str | None = None) -> dict[str, np.ndarray]:
   """{"logits" (N, C), "id" (N,)} of the real (unpadded) examples of an eval loader's batches."""
+  outputs = tta_lib.eval_outputs(method, tta)
+
   @jax.jit
   def fn(v, batch):
-    heads, _ = method.eval_outputs(v, _normalized(method, batch))
+    heads, _ = outputs(v, _normalized(method, batch))
     return {"logits": heads["logits"], "id": batch["id"], "mask": batch["mask"]}
 
   out = _gather(batches, fn, variables, mesh)
@@ -97,37 +116,94 @@ def predict_batches(method, variables, batches: Iterator, mesh) -> dict[str, np.
   return {k: v[m] for k, v in out.items()}
 
 
-def predict_source(config, method, variables, source, mesh) -> dict[str, np.ndarray]:
+def predict_source(config, method, variables, source, mesh,
+                   tta: str | None = None) -> dict[str, np.ndarray]:
   """`predict_batches` over one ordered pass of `source` with the run's eval transform."""
-  return predict_batches(method, variables, iter(make_eval_iter(config, source)), mesh)
+  return predict_batches(method, variables, iter(make_eval_iter(config, source)), mesh, tta)
+
+
+def _image_kwargs(config) -> tuple[dict, int | None]:
+  """(eval_crop keyword arguments, decode min_size) of the run's evaluation transform."""
+  kw = pipeline_kwargs(config, train=False)
+  for k in ("worker_count", "prefetch", "normalize"):
+    kw.pop(k)
+  return kw, (kw["resize_size"] if kw.pop("draft") else None)
+
+
+def _load_one(path, kw, min_size) -> np.ndarray:
+  return fgdata.transforms.eval_crop(fgdata.read_image(path, min_size, decoder=kw["backend"]),
+                                     **kw)[0]
 
 
 def load_images(config, paths) -> np.ndarray:
   """Image files as one uint8 batch, preprocessed as the run's evaluation (resize, centre
   crop; the steps normalise on the device)."""
-  kw = pipeline_kwargs(config, train=False)
-  for k in ("worker_count", "prefetch", "normalize"):
-    kw.pop(k)
-  min_size = kw["resize_size"] if kw.pop("draft") else None
-  return np.stack([fgdata.transforms.eval_crop(
-      fgdata.read_image(p, min_size, decoder=kw["backend"]), **kw)[0] for p in paths])
+  kw, min_size = _image_kwargs(config)
+  return np.stack([_load_one(p, kw, min_size) for p in paths])
 
 
-def predict_images(config, method, variables, paths, mesh, batch_size: int | None = None):
-  """(N, C) logits of the method's "logits" head for image files (`load_images`), in batches
-  padded to the device count (one process: every image is read by this one)."""
+def _load_or_skip(path, kw, min_size):
+  """The eval crop of `path`, or None with a warning naming the file when it cannot be read."""
+  try:
+    return _load_one(path, kw, min_size)
+  except FileNotFoundError:
+    why = "no such file"
+  except IsADirectoryError:
+    why = "a directory, not an image file"
+  except OSError as e:  # BadImageError: not an image, truncated, unreadable
+    why = str(e).splitlines()[0] if str(e) else "unreadable"
+  logging.getLogger("fgjax").warning("skipped %s: %s", path, why)
+  return None
+
+
+def predict_files(config, method, variables, paths, mesh, batch_size: int | None = None,
+                  tta: str | None = None, progress: bool = False, skip_bad: bool = True):
+  """(paths read, (N, C) "logits" head) for image files, each decoded once, in batches of
+  `eval_batch_size` padded to the device count and sharded over every device (one process:
+  every image is read by this one). A file that cannot be read is skipped with a warning
+  (`skip_bad=False`: the error is raised). `progress`: a progress bar on stderr
+  (`fgjax.train.logs.ProgressBar`). With a TTA preset the rows are log mean probabilities."""
   n_dev = mesh.devices.size
   bs = int(batch_size or config.get("eval_batch_size", config.batch_size))
   bs = max(n_dev, -(-bs // n_dev) * n_dev)
-  fn = jax.jit(lambda v, b: method.eval_outputs(v, _normalized(method, b))[0]["logits"],
+  outputs = tta_lib.eval_outputs(method, tta)
+  fn = jax.jit(lambda v, b: outputs(v, _normalized(method, b))[0]["logits"],
                out_shardings=sharding.replicated(mesh))
-  out = []
-  for start in range(0, len(paths), bs):
+  kw, min_size = _image_kwargs(config)
+  bar = None
+  if progress:
+    from fgjax.train import logs
+    bar = logs.ProgressBar(len(paths), desc="predict")
+  n_batches = -(-len(paths) // bs)
+  kept, out = [], []
+  for b, start in enumerate(range(0, len(paths), bs)):
     chunk = list(paths[start:start + bs])
-    x = load_images(config, chunk)
-    pad = -len(x) % n_dev
-    if pad:
-      x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
-    batch = jax.device_put({"image": x}, sharding.batch_sharding(mesh))
-    out.append(np.asarray(fn(variables, batch))[:len(chunk)])
-  return np.concatenate(out) if out else np.zeros((0, method.num_classes), np.float32)
+    if skip_bad:
+      loaded = [(p, _load_or_skip(p, kw, min_size)) for p in chunk]
+      loaded = [(p, x) for p, x in loaded if x is not None]
+    else:
+      loaded = [(p, _load_one(p, kw, min_size)) for p in chunk]
+    if loaded:
+      x = np.stack([a for _, a in loaded])
+      pad = -len(x) % n_dev
+      if pad:
+        x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
+      batch = jax.device_put({"image": x}, sharding.batch_sharding(mesh))
+      out.append(np.asarray(fn(variables, batch))[:len(loaded)])
+      kept.extend(p for p, _ in loaded)
+    if bar is not None:
+      last = b + 1 == n_batches
+      bar.update(start + len(chunk), force=last or b % max(n_batches // 10, 1) == 0)
+  if bar is not None:
+    bar.close()
+  logits = np.concatenate(out) if out else np.zeros((0, method.num_classes), np.float32)
+  return kept, logits
+
+
+def predict_images(config, method, variables, paths, mesh, batch_size: int | None = None,
+                   tta: str | None = None, progress: bool = False):
+  """(N, C) logits of the method's "logits" head for image files (`load_images`), in batches
+  padded to the device count (one process: every image is read by this one); a file that
+  cannot be read raises (`predict_files` skips it)."""
+  return predict_files(config, method, variables, list(paths), mesh, batch_size, tta,
+                       progress, skip_bad=False)[1]

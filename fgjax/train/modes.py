@@ -3,6 +3,12 @@
 Each restores the model of a workdir (best validation checkpoint when the run has one, else
 the last; `which="last"` forces the last) from its saved `config.json`, through the set-up's
 `restore_model`; none of them imports the training loop.
+
+Eval and predict run under the test-time augmentation preset (`fgjax.toolkit.tta`) of the
+`tta` argument (run.py `--tta`), else of a config given on the command line
+(`config.eval.tta`), else of the run's own config. Eval also writes the error analysis
+(`fgjax.toolkit.analysis`: per_class.csv, confused_pairs.csv, confusion.png); predict over a
+folder (`images=`) writes a submission CSV (`fgjax.toolkit.submission`).
 """
 from __future__ import annotations
 
@@ -11,38 +17,61 @@ import logging
 import os
 
 import jax
+import ml_collections
 import numpy as np
 
 from fgjax import data as fgdata
 from fgjax import teachers
+from fgjax.toolkit import analysis, submission
+from fgjax.toolkit import tta as tta_lib
 from fgjax.train import evaluation, setup, sharding
 
 log = logging.getLogger("fgjax")
 
 
-def _restore(workdir, which, config=None):
+def _restore(workdir, which, config=None, tta=None):
+  if tta is not None:
+    tta_lib.check_preset(tta)
   cfg, model, method, variables, info = setup.restore_model(workdir, prefer=which)
-  if config is not None:  # a config given on the command line overrides data settings
-    with cfg.unlocked():
+  with cfg.unlocked():
+    if config is not None:  # a config given on the command line overrides data, eval settings
       cfg.data = config.data
+      if config.get("eval") is not None:
+        cfg.eval = ml_collections.ConfigDict(config.eval.to_dict())
+    if cfg.get("eval") is None:  # a run saved before config.eval existed
+      cfg.eval = ml_collections.ConfigDict(dict(tta="none"))
+    if tta is not None:
+      cfg.eval.tta = tta
+  tta_lib.check(method, tta_lib.preset_of(cfg))
   log.info("restored %s (%s checkpoint, step %d)", cfg.model.name, info["checkpoint"],
            info["step"])
   return cfg, model, method, variables, info
 
 
-def evaluate_checkpoint(workdir: str, config=None, which: str = "best") -> dict:
-  """Evaluates a checkpoint on the test split; writes `eval_metrics.json`."""
-  cfg, model, method, variables, info = _restore(workdir, which, config)
+def evaluate_checkpoint(workdir: str, config=None, which: str = "best", tta: str | None = None,
+                        output: str | None = None) -> dict:
+  """Evaluates a checkpoint on the test split under the TTA preset (module docstring); writes
+  `eval_metrics.json` (with "tta": the preset) in the workdir and the error analysis of the
+  "logits" head (per_class.csv, confused_pairs.csv, confusion.png) in `output` (a directory;
+  default the workdir)."""
+  cfg, model, method, variables, info = _restore(workdir, which, config, tta)
+  preset = tta_lib.preset_of(cfg)
   mesh = sharding.make_mesh(cfg)
   _, _, test_src = setup.get_sources(cfg)
-  eval_step = jax.jit(evaluation.make_eval_step(method))
-  metrics = evaluation.evaluate(eval_step, variables, iter(setup.make_eval_iter(cfg, test_src)),
-                                mesh, model.num_classes, method)
-  metrics.update({"checkpoint": info["checkpoint"], "step": info["step"]})
+  eval_step = jax.jit(evaluation.make_eval_step(method, preset))
+  results = evaluation.eval_results(eval_step, variables,
+                                    iter(setup.make_eval_iter(cfg, test_src)), mesh)
+  metrics = evaluation.summarize_eval(results, model.num_classes, method)
+  metrics.update({"tta": preset, "checkpoint": info["checkpoint"], "step": info["step"]})
   print(json.dumps({"test": metrics}, indent=2))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
       json.dump({"test": metrics}, f, indent=2)
+    real = results["mask"].astype(bool)
+    names = list(cfg.get("class_names_resolved", []) or [])
+    written = analysis.write_reports(output or workdir, results["label"][real],
+                                     results["pred"][real], names or None, model.num_classes)
+    log.info("wrote %s", ", ".join(written.values()))
   return metrics
 
 
@@ -72,26 +101,55 @@ def readable_images(paths) -> list[str]:
   return kept
 
 
-def predict(workdir: str, paths, which: str = "best", top_k: int = 5) -> list[dict]:
+PRINT_AT_MOST = 20  # predict prints each image's top-k when it writes no CSV or few rows
+
+
+def predict(workdir: str, paths=(), which: str = "best", top_k: int = 5,
+            images: str | None = None, output: str | None = None, csv_top_k: int = 0,
+            tta: str | None = None) -> list[dict]:
   """Top-k class names with probabilities for each image file that can be read (the others
-  are named in a warning and skipped)."""
-  if not paths:
-    raise ValueError("predict needs image files: run.py --mode=predict --workdir=W a.jpg b.jpg")
-  cfg, _, method, variables, _ = _restore(workdir, which)
-  paths = readable_images(list(paths))
+  are named in a warning and skipped), batched on every device with a progress bar. `images`:
+  a directory (recursively) or a list file of images (`fgjax.toolkit.submission.list_images`)
+  besides the files of `paths`. With `images` or `output`, writes the submission CSV
+  (`filename,class` [+ class_2.., prob_1.. with `csv_top_k`]) to `output` (default
+  `<workdir>/submission.csv`); prints each image's top-k when there are at most
+  PRINT_AT_MOST images or no CSV is written."""
+  entries = [(str(p), str(p)) for p in paths]
+  if images:
+    entries += submission.list_images(images)
+  if not entries:
+    raise ValueError("predict needs image files: run.py --mode=predict --workdir=W a.jpg b.jpg "
+                     "or --images=DIR")
+  cfg, _, method, variables, _ = _restore(workdir, which, tta=tta)
+  files = [path for _, path in entries]
+  kept, logits = evaluation.predict_files(cfg, method, variables, files,
+                                          sharding.make_mesh(cfg),
+                                          tta=tta_lib.preset_of(cfg), progress=True)
+  if not kept:
+    raise NoReadableImagesError(f"none of the {len(files)} files given could be read as an "
+                                f"image ({', '.join(map(str, files[:3]))}"
+                                f"{', ...' if len(files) > 3 else ''})")
+  name_of = dict((path, name) for name, path in entries)
   names = list(cfg.get("class_names_resolved", []) or [])
-  logits = evaluation.predict_images(cfg, method, variables, list(paths),
-                                     sharding.make_mesh(cfg))
   probs = np.asarray(jax.nn.softmax(logits, axis=-1))
   results = []
-  for path, p in zip(paths, probs):
-    top = np.argsort(-p)[:top_k]
-    row = {"image": path, "top": [{"class": names[i] if i < len(names) else str(i),
-                                   "index": int(i), "prob": float(p[i])} for i in top]}
+  write = bool(images or output)
+  show = not write or len(kept) <= PRINT_AT_MOST
+  for path, p in zip(kept, probs):
+    top = np.argsort(-p, kind="stable")[:top_k]
+    row = {"image": name_of[path], "path": path,
+           "top": [{"class": names[i] if i < len(names) else str(i),
+                    "index": int(i), "prob": float(p[i])} for i in top]}
     results.append(row)
-    print(path)
-    for r in row["top"]:
-      print(f"  {r['prob']:7.2%}  {r['class']}")
+    if show:
+      print(row["image"])
+      for r in row["top"]:
+        print(f"  {r['prob']:7.2%}  {r['class']}")
+  if write and jax.process_index() == 0:
+    out = output or os.path.join(workdir, "submission.csv")
+    submission.write_csv(out, [name_of[p] for p in kept], probs, names or None, csv_top_k)
+    log.info("wrote %d predictions (%d files skipped) to %s", len(kept),
+             len(files) - len(kept), out)
   return results
 
 
@@ -139,7 +197,7 @@ def export_teacher(workdir: str, output: str | None = None, which: str = "best",
   cfg, model, method, variables, info = _restore(workdir, which, config)
   mesh = sharding.make_mesh(cfg)
   train_src = setup.get_source(cfg, "train")
-  out = evaluation.predict_source(cfg, method, variables, train_src, mesh)
+  out = evaluation.predict_source(cfg, method, variables, train_src, mesh, tta="none")
   ids, logits = out["id"], out["logits"]
   output = output or os.path.join(workdir, "teacher_predictions.npz")
   if jax.process_index() == 0:
@@ -152,3 +210,73 @@ def export_teacher(workdir: str, output: str | None = None, which: str = "best",
   log.info("wrote teacher predictions for %d training examples to %s (train accuracy %.4f)",
            len(ids), output, acc)
   return output
+
+
+def pseudo_label(workdir: str, images=None, split: str | None = None, output: str | None = None,
+                 which: str = "best", config=None, threshold: float | None = None,
+                 max_per_class: int | None = None, tta: str | None = None) -> dict:
+  """Writes the confident predictions of a workdir's model on unlabeled images (`images`: a
+  folder, searched recursively, a text file of paths or a list of paths) or on a split of the
+  run's dataset (`split`, e.g. "test") as a pseudo-label CSV (`fgjax.toolkit.pseudo_labels`;
+  default `<workdir>/pseudo_labels.csv`). `threshold` / `max_per_class` default to the
+  `pseudo_label` section of `config`, else of the run's saved config, else 0.9 / no cap.
+  The probabilities are the run's eval predictions (with `tta`, or `eval.tta`, averaged over
+  the preset's views)."""
+  from fgjax.toolkit import pseudo_labels as pl
+  if (images is None or images == []) == (split is None):
+    raise ValueError("pseudo_label needs exactly one of --images=DIR (a folder or a text file "
+                     "of image paths) and --split=NAME (a split of the run's dataset, e.g. test)")
+  saved = setup.load_config(workdir)
+  settings = dict(threshold=pl.DEFAULT_THRESHOLD, max_per_class=pl.DEFAULT_MAX_PER_CLASS)
+  for given in (saved.get("pseudo_label"), None if config is None else
+                config.get("pseudo_label")):
+    settings.update({k: given[k] for k in settings if given is not None and k in given})
+  settings.update({k: v for k, v in (("threshold", threshold),
+                                     ("max_per_class", max_per_class)) if v is not None})
+  threshold, max_per_class = pl.check_settings(settings["threshold"], settings["max_per_class"])
+  if split is not None and split == "train":
+    raise ValueError("--split=train: the train split is labelled; pseudo-label another split "
+                     "(e.g. --split=test) or a folder (--images=DIR)")
+  if isinstance(images, (str, os.PathLike)):  # --images: as predict reads it
+    images = [os.path.abspath(path) for _, path in submission.list_images(images)]
+  cfg, _, method, variables, info = _restore(workdir, which, config, tta=tta)
+  names = list(cfg.get("class_names_resolved", []) or [])
+  mesh = sharding.make_mesh(cfg)
+  preset = tta_lib.preset_of(cfg)
+  if split is not None:
+    src = setup.get_source(cfg, split)
+    out = evaluation.predict_source(cfg, method, variables, src, mesh, tta=preset)
+    logits, ids = out["logits"], np.asarray(out["id"]).tolist()
+    files = getattr(src, "files", None)
+    pos = {int(k): i for i, k in enumerate(np.asarray(src.ids).tolist())}
+    keys = [files[pos[int(k)]] if files is not None else pl.split_ref(split, k) for k in ids]
+    what = f"the {len(keys)} images of the {split} split"
+  else:
+    keys, logits = evaluation.predict_files(cfg, method, variables, list(images), mesh,
+                                            tta=preset, progress=True)
+    if not keys:
+      raise NoReadableImagesError(f"none of the {len(images)} files given could be read as an "
+                                  f"image ({', '.join(map(str, images[:3]))}"
+                                  f"{', ...' if len(images) > 3 else ''})")
+    what = f"{len(keys)} images" + (f" ({len(images) - len(keys)} unreadable files skipped)"
+                                     if len(keys) < len(images) else "")
+  probs = np.asarray(jax.nn.softmax(np.asarray(logits, np.float32), axis=-1))
+  if not names:
+    names = [str(i) for i in range(probs.shape[-1])]
+  rows = pl.confident_rows(keys, probs, names, threshold, max_per_class)
+  output = output or os.path.join(workdir, "pseudo_labels.csv")
+  if jax.process_index() == 0:
+    pl.write(output, rows)
+  counts = {}
+  for _, name, _ in rows:
+    counts[name] = counts.get(name, 0) + 1
+  log.info("pseudo-labelled %d of %s (top-1 probability >= %g%s; %s checkpoint, step %d%s): "
+           "%d classes, wrote %s", len(rows), what, threshold,
+           f", at most {max_per_class} per class" if max_per_class else "", info["checkpoint"],
+           info["step"], f", tta {preset}" if preset != "none" else "", len(counts), output)
+  if not rows:
+    log.warning("pseudo_label: no prediction reached top-1 probability %g: the file lists no "
+                "image (a lower --threshold keeps more)", threshold)
+  print(f"{len(rows)} of {len(keys)} images pseudo-labelled -> {output}")
+  return {"output": output, "num_images": len(keys), "num_selected": len(rows),
+          "per_class": counts, "threshold": threshold, "max_per_class": max_per_class}

@@ -84,15 +84,21 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def get_sources(config):
-  """(train, val or None, test) sources per config.data."""
+  """(train, val or None, test) sources per config.data. `data.pseudo_labels` (a file of
+  `fgjax.toolkit.pseudo_labels`) appends its images to the train source after `val_fraction`
+  has carved the validation split: pseudo-labelled images never enter model selection."""
   dcfg = config.data
   test_split = dcfg.get("test_split", "test")
-  train = get_source(config, "train")
+  train = labelled = get_source(config, "train")
   test = get_source(config, test_split)
   val = None
   frac = float(dcfg.get("val_fraction", 0.0) or 0.0)
   if frac > 0:
     train, val = fgdata.split_train_val(train, frac, seed=int(config.seed))
+  if dcfg.get("pseudo_labels"):
+    from fgjax.toolkit import pseudo_labels
+    train = pseudo_labels.add_to_train(train, os.fspath(dcfg.pseudo_labels), labelled,
+                                       lambda split: get_source(config, split), test=test)
   return train, val, test
 
 
@@ -123,9 +129,11 @@ def pipeline_kwargs(config, train: bool) -> dict:
   return kw
 
 
-def make_train_iter(config, source):
+def make_train_iter(config, source, crop_boxes=None):
+  """The train loader; `crop_boxes` (N, 4): the attention-region crops (`fgjax.toolkit.crops`)."""
   return fgdata.make_train_loader(source, global_batch_size=int(config.batch_size),
-                                  seed=int(config.seed), **pipeline_kwargs(config, True))
+                                  seed=int(config.seed), crop_boxes=crop_boxes,
+                                  **pipeline_kwargs(config, True))
 
 
 def make_eval_iter(config, source, batch_size: int | None = None):

@@ -13,6 +13,10 @@ updates that the step number selects (`Method.phases()`), each phase its own jit
 - Evaluation (`fgjax.train.evaluation`): top-1, top-5, mean per-class accuracy per head and the
   method's own metrics. Model selection only ever looks at validation; the test split is
   reported, never used to choose.
+- Attention-region crops (`config.crop`, `fgjax.toolkit.crops`, off by default): at the due
+  epoch boundaries the current model computes every training image's crop box; the train
+  loader is rebuilt to crop by them (its state carries over) and the boxes are saved beside
+  each checkpoint, so a resumed run crops by the boxes of its restored step.
 Visualisation is not part of training: `run.py` draws after the loop returns.
 """
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 
 from fgjax import data as fgdata
 from fgjax.methods import base as protocol
+from fgjax.toolkit import crops, tta
 from fgjax.train import checkpoint as ckpt_lib
 from fgjax.train import evaluation, logs, setup, sharding
 from fgjax.train import workdir as workdir_lib
@@ -112,6 +117,15 @@ def _average(fetched: list[dict]) -> dict:
   return {k: float(np.mean([m[k] for m in fetched if k in m])) for k in keys}
 
 
+def _cropping(config, train_src, old, table: crops.CropTable):
+  """The train loader cropping by `table`'s boxes, continuing where the loader `old` stands."""
+  state = old.get_state()
+  old.close()
+  new = setup.make_train_iter(config, train_src, crop_boxes=table.boxes)
+  new.set_state(state)
+  return new
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the final
   metrics {"val": ..., "test": ..., "selected": "best" | "last"} (or {"stopped_at": step}
@@ -135,6 +149,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   log_every = setup.get_steps(config, "log_every", steps_per_epoch, default=50)
   eval_every = setup.get_steps(config, "eval_every", steps_per_epoch, default=total_steps)
   ckpt_every = setup.get_steps(config, "checkpoint_every", steps_per_epoch, default=eval_every)
+  crop_plan = crops.CropPlan.of(config, steps_per_epoch, total_steps)  # None: crops off
+  refresher = crops.Refresher(config, method, mesh) if crop_plan is not None else None
+  tta_preset = tta.preset_of(config)  # an unknown preset fails here, before anything is written
 
   # Nothing is written before the workdir guard: a workdir holding another run is refused.
   guard = workdir_lib.check(config, workdir, method.helpers().values())
@@ -152,6 +169,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = setup.make_train_iter(config, train_src)
   example = setup.example_batch(train_iter.element_spec)
   setup.resolved(config, method, train_iter.element_spec)
+  if refresher is not None:
+    refresher.check(example)
   seed = int(config.seed)
   base_rng = jax.random.fold_in(jax.random.key(seed), 1)
   optimizers = setup.build_optimizers(config, method, setup.params_shape(method, example),
@@ -184,6 +203,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       ckpt.when_committed(lambda: guard.commit(config))
     writer = logs.MetricWriter(workdir)  # only once the state is there: a failed restore
                                          # leaves no new TensorBoard file
+
+    def refresh_crops(step):
+      table = refresher(setup.eval_variables(state), train_src, step)
+      writer.write(step, "crops", dict(table.summary(), epoch=step // steps_per_epoch))
+      return table
+
+    crop_table = None  # the crops in use (None: plain random crops)
+    if crop_plan is not None and start < total_steps:
+      crop_table, refresh_now = crops.restored(ckpt.load_crops(start) if start else None,
+                                               crop_plan, start, train_src)
+      if refresh_now:
+        crop_table = refresh_crops(start)
+      if crop_table is not None:
+        train_iter = _cropping(config, train_src, train_iter, crop_table)
+
+    def crop_arrays():  # what each checkpoint saves beside it
+      return None if crop_table is None else crop_table.arrays()
+
     if data_state is not None:
       train_iter.set_state(data_state)
     data_iter = iter(train_iter)
@@ -245,6 +282,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         lrs = " ".join(f"{k} {v:.2e}" for k, v in avg.items() if k.startswith("lr"))
         bar.update(step, f"loss {avg['loss']:.4f} {lrs}", force=True)
         pending, t_log = [], time.time()
+      if crop_plan is not None and crop_plan.due(step) and not stop:
+        crop_table = refresh_crops(step)
+        train_iter = _cropping(config, train_src, train_iter, crop_table)
+        data_iter = iter(train_iter)
       # Evaluation comes before the step's checkpoint: a run killed while evaluating resumes
       # from an earlier checkpoint and evaluates again, so no evaluation (and no best
       # checkpoint) is ever skipped.
@@ -252,10 +293,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         val = run_eval(val_src, "val", step)
         if val is not None and val["top1"] > best_val:
           best_val = val["top1"]
-          ckpt.save_best(step, state, best_val, train_iter.get_state())
+          ckpt.save_best(step, state, best_val, train_iter.get_state(), crops=crop_arrays())
         run_eval(test_src, "test", step)
       if step % ckpt_every == 0 or last or stop:
-        ckpt.save(step, state, train_iter.get_state())
+        ckpt.save(step, state, train_iter.get_state(), crops=crop_arrays())
       if stop:
         bar.close()
         ckpt.wait()
@@ -271,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       result["val"] = run_eval(val_src, "val", step)
       if result["val"]["top1"] > best_val:
         best_val = result["val"]["top1"]
-        ckpt.save_best(step, state, best_val, train_iter.get_state())
+        ckpt.save_best(step, state, best_val, train_iter.get_state(), crops=crop_arrays())
     which = "best" if ckpt.best_step() is not None else "last"
     ckpt.wait()
     if which == "best" and ckpt.best_step() != step:
@@ -291,6 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       "(its own best step); it peeks at the test split (choose with a "
                       "validation split for an honest number: 'test')"}
     result["selected"] = which
+    result["tta"] = tta_preset  # the test-time augmentation of every evaluation above
     guard.commit(config)
     if jax.process_index() == 0:
       path = os.path.join(workdir, "final_metrics.json")

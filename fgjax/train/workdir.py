@@ -6,11 +6,14 @@ method's helpers, e.g. a teacher trained first into `<workdir>/teacher`, `Helper
 keys ending in `_resolved` are what a run derives from its data and are not compared):
 - no `config.json` (a new or empty workdir): a fresh run;
 - the same config: a resume;
+- a key that fgjax added later (`ADDED`), absent from `config.json`, counts as holding the value
+  that does what fgjax did without it;
 - only keys in `RESUMABLE` differ (a longer `total_steps`, other log, eval or checkpoint
   intervals, worker counts, a moved dataset folder, the decoding backend or draft decoding,
   which change images by a few levels of uint8, not what they show; the ViT attention path
-  and its block size, the same function within float rounding): a resume, each change
-  logged;
+  and its block size, the same function within float rounding; the test-time augmentation of
+  the evaluations and the pseudo-label mode's settings, which change no training step): a
+  resume, each change logged;
 - any other key differs, or the data has other class names (another dataset under the same
   name or folder): `WorkdirError` listing the keys (old -> new) and the two ways forward,
   unless `config.resume_with_changes=True`, which resumes with the new config and keeps the old
@@ -41,8 +44,17 @@ log = logging.getLogger("fgjax")
 RESUMABLE = ("total_steps", "total_epochs", "total_examples", "log_every_*", "eval_every_*",
              "checkpoint_every_*", "keep_checkpoints", "eval_batch_size", "visualize_examples",
              "data.worker_count", "data.prefetch", "data.data_dir", "data.backend",
-             "data.draft_decode", "model.kwargs.attention_impl", "model.kwargs.attention_chunk")
+             "data.draft_decode", "model.kwargs.attention_impl", "model.kwargs.attention_chunk",
+             "eval.tta", "pseudo_label.*")
 IGNORED = ("*_resolved", "resume_with_changes")
+# Keys added to the config after runs were saved without them, each with the value that does
+# what fgjax did before the key existed: a config.json without the key compares as holding it,
+# so a run saved by an earlier fgjax resumes.
+ADDED = {"eval.tta": "none", "data.pseudo_labels": "", "model.kwargs.attn": None,
+         "pseudo_label.threshold": 0.9, "pseudo_label.max_per_class": 0,
+         "crop.enabled": False, "crop.kind": "random_box", "crop.start_epoch": 1,
+         "crop.every_epochs": 1, "crop.map": "auto", "crop.threshold": 0.5,
+         "crop.threshold_of": "max", "crop.box_size": [0.6, 0.6], "crop.num_boxes": 32}
 _FGJAX_ENTRIES = ("config.json", "checkpoints", "teacher")
 _MAX_LISTED = 12
 
@@ -74,8 +86,15 @@ def as_json(config) -> dict:
 
 def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
   """(key, old value, new value) of every compared key that differs; a key absent on one side
-  shows as `<unset>`."""
+  shows as `<unset>`, or as its `ADDED` value when the old side lacks it."""
   a, b = _flatten(old), _flatten(new)
+  added = {k: v for k, v in ADDED.items() if k not in a and k in b}
+  for key in added:  # an empty section the added key now fills ("kwargs": {})
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+      if a.get(".".join(parts[:i])) == {}:
+        del a[".".join(parts[:i])]
+  a.update(added)
   out = []
   for key in sorted(set(a) | set(b)):
     if _matches(key, IGNORED, any_part=True):
