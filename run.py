@@ -188,7 +188,10 @@ def main(argv):
       modes.visualize(workdir, images, output=_OUTPUT.value, which=_CHECKPOINT.value,
                       config=config, num_images=_NUM_IMAGES.value)
     elif _MODE.value == "pseudo_label":
-      modes.pseudo_label(workdir, images=_IMAGES.value or images or None, split=_SPLIT.value,
+      if _IMAGES.value:  # the folder or list file, and any image files after the flags
+        from fgjax.toolkit import submission
+        images = [p for _, p in submission.list_images(_IMAGES.value)] + list(images)
+      modes.pseudo_label(workdir, images=list(images) or None, split=_SPLIT.value,
                          output=_OUTPUT.value, which=_CHECKPOINT.value, config=config,
                          threshold=_THRESHOLD.value, max_per_class=_MAX_PER_CLASS.value,
                          tta=_TTA.value)

@@ -30,9 +30,9 @@ What the seed does not state, and fgjax's choice (change any with --config.KEY=V
   epochs. These are the usual fine-tuning settings of timm's RegNets, not the team's;
 - batch 32 at 512 and 16 at 960 (what fits one 80 GiB device at 512 and 960 with room:
   benchmarks/memory.py measures 54 and 15 images; docs/benchmarks.md);
-- the crop's T = 0.5 of the map's maximum, N = 32 boxes of 0.75 x 0.75 of the image's sides, from
-  epoch 2 (the first refresh uses a model that has trained one epoch; the write-up starts after
-  the first epoch too) and every epoch after;
+- the crop's T = 0.5 of the map's maximum, N = 32 boxes of 0.75 x 0.75 of the image's sides,
+  refreshed at the end of every epoch from the first (`crop.start_epoch=1`: the first refresh
+  uses the model after one epoch, as the write-up's "after one epoch of training");
 - dropout rate 0.2; TTA "flip" (the write-up names TTA, not its views);
 - resize: the shorter side to res x 8 / 7, then a res x res crop (random in training, centre at
   test).
@@ -91,7 +91,7 @@ def get_config(arg=None):
   c.crop.threshold_of = "max"
   c.crop.box_size = (0.75, 0.75)
   c.crop.num_boxes = 32
-  c.crop.start_epoch = 2
+  c.crop.start_epoch = 1
   c.crop.every_epochs = 1
   c.eval.tta = "flip"
   c.log_every_steps = 50

@@ -142,18 +142,19 @@ def test_weighted_embeddings_and_centroids_by_hand():
   # member A: 2-d, member B: 1-d embeddings of three train images (labels 0, 1, 1).
   a = np.array([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
   b = np.array([[-2.0], [5.0], [0.5]])
-  w = ensemble.normalize_weights([1, 3], 2)
-  np.testing.assert_allclose(w, [0.25, 0.75])
-  e = ensemble.weighted_embeddings([a, b], w)
+  w = ensemble.normalize_weights([9, 16], 2)
+  np.testing.assert_allclose(w, [0.36, 0.64])
+  e = ensemble.weighted_embeddings([a, b], w)  # sqrt(w) = 0.6, 0.8 times the unit vectors
   r = np.sqrt(0.5)
-  np.testing.assert_allclose(e, [[0.25, 0, -0.75], [0, 0.25, 0.75], [0.25 * r, 0.25 * r, 0.75]])
+  np.testing.assert_allclose(e, [[0.6, 0, -0.8], [0, 0.6, 0.8], [0.6 * r, 0.6 * r, 0.8]])
+  # Weights are linear in the dot product: sum_i w_i cos_i (not w_i squared).
+  np.testing.assert_allclose(e[0] @ e[2], 0.36 * r + 0.64 * -1.0)
   cents = ensemble.fit_centroids(e, np.array([0, 1, 1]), 3)
-  m1 = np.array([0.125 * r, 0.125 + 0.125 * r, 0.75])
-  np.testing.assert_allclose(cents, [np.array([0.25, 0, -0.75]) / np.sqrt(0.625),
-                                     m1 / np.linalg.norm(m1), [0, 0, 0]])
+  m1 = np.array([0.3 * r, 0.3 + 0.3 * r, 0.8])
+  np.testing.assert_allclose(cents, [[0.6, 0, -0.8], m1 / np.linalg.norm(m1), [0, 0, 0]])
   q = np.array([[1.0, 0.0, 1.0]])  # cosine to each centroid; class 2 has none: -1
   s = ensemble.cosine_scores(q, cents)
-  np.testing.assert_allclose(s[0, :2], [(0.25 - 0.75) / np.sqrt(0.625) / np.sqrt(2),
+  np.testing.assert_allclose(s[0, :2], [(0.6 - 0.8) / np.sqrt(2),
                                         (m1[0] + m1[2]) / np.linalg.norm(m1) / np.sqrt(2)])
   assert s[0, 2] == -1.0
   for bad in ([1, 2, 3], [1, -1], [0, 0], [np.nan, 1]):

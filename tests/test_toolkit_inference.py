@@ -192,6 +192,23 @@ def test_list_images_of_a_folder_and_of_a_list_file(tmp_path):
     submission.list_images(str(tmp_path / "empty"))
   assert submission.header(3) == ["filename", "class", "class_2", "class_3", "prob_1",
                                   "prob_2", "prob_3"]
+  with pytest.raises(ValueError, match="an image file, not a directory"):
+    submission.list_images(str(d / "b.jpg"))
+
+
+def test_submission_top_k_beyond_the_classes_and_negative(tmp_path):
+  """--top_k above the class count gives as many columns as classes, each row as long as the
+  header; a negative one is refused."""
+  probs = np.array([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]])
+  path = submission.write_csv(tmp_path / "s.csv", ["x.jpg", "y.jpg"], probs, ["a", "b", "c"],
+                              top_k=6)
+  with open(path) as f:
+    lines = list(csv.reader(f))
+  assert lines[0] == submission.header(3)
+  assert lines[1] == ["x.jpg", "b", "c", "a", "0.500000", "0.300000", "0.200000"]
+  assert all(len(row) == len(lines[0]) for row in lines)
+  with pytest.raises(ValueError, match="--top_k=-1"):
+    submission.write_csv(tmp_path / "t.csv", ["x.jpg"], probs[:1], None, top_k=-1)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -174,7 +174,7 @@ def read(path: str, class_names: Sequence[str], key: str | None = None) -> list[
   index = {str(c): i for i, c in enumerate(class_names)}
   out, seen = [], {}
   try:
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
       lines = list(csv.reader(f))
   except (UnicodeDecodeError, csv.Error) as e:
     raise PseudoLabelError(f"{where}: not a pseudo-label CSV ({e})") from None

@@ -38,6 +38,9 @@ def list_images(spec: str) -> list[tuple[str, str]]:
     return out
   if not os.path.exists(spec):
     raise FileNotFoundError(f"--images={spec}: no such directory or list file")
+  if os.path.splitext(spec)[1].lower() in IMAGE_EXTENSIONS:
+    raise ValueError(f"--images={spec}: an image file, not a directory or a text file listing "
+                     f"images (give single images after the flags)")
   base = os.path.dirname(os.path.abspath(spec))
   out = []
   with open(spec) as f:
@@ -59,7 +62,8 @@ def header(top_k: int = 0) -> list[str]:
 def rows(names, probs: np.ndarray, class_names=None, top_k: int = 0) -> list[list[str]]:
   """One row per image (module docstring); `probs` (N, C) probabilities."""
   probs = np.asarray(probs)
-  k = max(int(top_k), 1)
+  top_k = min(max(int(top_k), 0), probs.shape[-1]) if probs.ndim == 2 else max(int(top_k), 0)
+  k = max(top_k, 1)
   label = lambda i: str(class_names[i]) if class_names is not None and i < len(class_names) \
       else str(i)  # noqa: E731
   out = []
@@ -75,6 +79,10 @@ def rows(names, probs: np.ndarray, class_names=None, top_k: int = 0) -> list[lis
 def write_csv(path: str, names, probs, class_names=None, top_k: int = 0) -> str:
   """Writes the submission CSV to `path` (through a temporary file); returns `path`."""
   path = os.fspath(path)
+  probs = np.asarray(probs)
+  if int(top_k) < 0:
+    raise ValueError(f"--top_k={top_k}: must be >= 0 (0: filename,class only)")
+  top_k = min(int(top_k), probs.shape[-1]) if probs.ndim == 2 else int(top_k)  # <= classes
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w", newline="") as f:

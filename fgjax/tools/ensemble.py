@@ -15,9 +15,10 @@ softmax probabilities, sum_i w_i softmax(z_i) (probabilities are averaged, not l
 prediction is their arg-max. Each member runs under its own test-time augmentation preset
 (`config.eval.tta`, `fgjax.toolkit.tta`), or under `--tta` for all.
 `--on embeddings`: each member's pre-logit embedding (`aux["pre_logits"]` of its model, the
-single evaluation view) is L2-normalised and scaled by the member's weight, and the members'
-vectors are concatenated: e = [w_1 e_1 / |e_1|, ..., w_M e_M / |e_M|]. A nearest class centroid
-classifier is fitted on the TRAIN split of the same members (the whole train split, before any
+single evaluation view) is L2-normalised and scaled by the square root of the member's weight,
+and the members' vectors are concatenated: e = [sqrt(w_1) e_1 / |e_1|, ..., sqrt(w_M) e_M /
+|e_M|] (so that each member counts linearly in its weight in a dot product). A nearest class
+centroid classifier is fitted on the TRAIN split of the same members (the whole train split, before any
 validation hold-out, without `data.pseudo_labels` images, each image through each member's
 evaluation transform; no test image is used): the centroid of class c is the mean of the
 train vectors e of class c, L2-normalised. An image's scores are the cosine similarities
@@ -176,8 +177,11 @@ def l2_normalize(x, eps: float = 1e-12) -> np.ndarray:
 
 
 def weighted_embeddings(embeddings, weights) -> np.ndarray:
-  """(N, sum D_i): [w_1 e_1 / |e_1|, ..., w_M e_M / |e_M|] of the members' (N, D_i) embeddings."""
-  return np.concatenate([float(w) * l2_normalize(e) for w, e in zip(weights, embeddings)], -1)
+  """(N, sum D_i): [sqrt(w_1) e_1 / |e_1|, ..., sqrt(w_M) e_M / |e_M|] of the members' (N, D_i)
+  embeddings. The square roots make weights linear in a dot product of two such vectors (the
+  scores against the centroids): sum_i w_i cos(e_i, e'_i)."""
+  return np.concatenate([np.sqrt(float(w)) * l2_normalize(e)
+                         for w, e in zip(weights, embeddings)], -1)
 
 
 def fit_centroids(embeddings, labels, num_classes: int) -> np.ndarray:

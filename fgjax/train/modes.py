@@ -57,7 +57,7 @@ def evaluate_checkpoint(workdir: str, config=None, which: str = "best", tta: str
   cfg, model, method, variables, info = _restore(workdir, which, config, tta)
   preset = tta_lib.preset_of(cfg)
   mesh = sharding.make_mesh(cfg)
-  _, _, test_src = setup.get_sources(cfg)
+  test_src = setup.get_test_source(cfg)
   eval_step = jax.jit(evaluation.make_eval_step(method, preset))
   results = evaluation.eval_results(eval_step, variables,
                                     iter(setup.make_eval_iter(cfg, test_src)), mesh)
@@ -114,6 +114,8 @@ def predict(workdir: str, paths=(), which: str = "best", top_k: int = 5,
   (`filename,class` [+ class_2.., prob_1.. with `csv_top_k`]) to `output` (default
   `<workdir>/submission.csv`); prints each image's top-k when there are at most
   PRINT_AT_MOST images or no CSV is written."""
+  if int(csv_top_k) < 0:
+    raise ValueError(f"--top_k={csv_top_k}: must be >= 0 (0: filename,class only)")
   entries = [(str(p), str(p)) for p in paths]
   if images:
     entries += submission.list_images(images)
@@ -174,7 +176,7 @@ def visualize(workdir: str, paths, output: str | None = None, which: str = "best
     x = evaluation.load_images(cfg, paths)
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
   else:
-    _, _, test_src = setup.get_sources(cfg)
+    test_src = setup.get_test_source(cfg)
     batch = next(iter(setup.make_eval_iter(cfg, test_src, max(num_images, 1))))
     n = int(np.asarray(batch["mask"]).sum())
     x = np.asarray(batch["image"])[:n]

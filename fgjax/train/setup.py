@@ -102,6 +102,12 @@ def get_sources(config):
   return train, val, test
 
 
+def get_test_source(config):
+  """The test split (`data.test_split`) alone: what evaluation reads, without building the
+  train source (nor reading `data.pseudo_labels`)."""
+  return get_source(config, config.data.get("test_split", "test"))
+
+
 def get_source(config, split: str):
   """`fgjax.data.get_source` with `data.source_kwargs`, merged with `data.split_kwargs[split]`
   (e.g. different synthetic example counts per split)."""

@@ -171,6 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup.resolved(config, method, train_iter.element_spec)
   if refresher is not None:
     refresher.check(example)
+  tta.check(method, tta_preset)  # a preset the model cannot take (cal8 on a ViT), before writing
   seed = int(config.seed)
   base_rng = jax.random.fold_in(jax.random.key(seed), 1)
   optimizers = setup.build_optimizers(config, method, setup.params_shape(method, example),

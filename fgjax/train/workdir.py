@@ -11,9 +11,9 @@ keys ending in `_resolved` are what a run derives from its data and are not comp
 - only keys in `RESUMABLE` differ (a longer `total_steps`, other log, eval or checkpoint
   intervals, worker counts, a moved dataset folder, the decoding backend or draft decoding,
   which change images by a few levels of uint8, not what they show; the ViT attention path
-  and its block size, the same function within float rounding; the test-time augmentation of
-  the evaluations and the pseudo-label mode's settings, which change no training step): a
-  resume, each change logged;
+  and its block size, the same function within float rounding; the pseudo-label mode's
+  settings, which training does not read): a resume, each change logged (`eval.tta` is not
+  one: validation under another preset would pick the best checkpoint on other numbers);
 - any other key differs, or the data has other class names (another dataset under the same
   name or folder): `WorkdirError` listing the keys (old -> new) and the two ways forward,
   unless `config.resume_with_changes=True`, which resumes with the new config and keeps the old
@@ -45,7 +45,7 @@ RESUMABLE = ("total_steps", "total_epochs", "total_examples", "log_every_*", "ev
              "checkpoint_every_*", "keep_checkpoints", "eval_batch_size", "visualize_examples",
              "data.worker_count", "data.prefetch", "data.data_dir", "data.backend",
              "data.draft_decode", "model.kwargs.attention_impl", "model.kwargs.attention_chunk",
-             "eval.tta", "pseudo_label.*")
+             "pseudo_label.*")
 IGNORED = ("*_resolved", "resume_with_changes")
 # Keys added to the config after runs were saved without them, each with the value that does
 # what fgjax did before the key existed: a config.json without the key compares as holding it,
