@@ -18,9 +18,9 @@ prediction is their arg-max. Each member runs under its own test-time augmentati
 single evaluation view) is L2-normalised and scaled by the square root of the member's weight,
 and the members' vectors are concatenated: e = [sqrt(w_1) e_1 / |e_1|, ..., sqrt(w_M) e_M /
 |e_M|] (so that each member counts linearly in its weight in a dot product). A nearest class
-centroid classifier is fitted on the TRAIN split of the same members (the whole train split, before any
-validation hold-out, without `data.pseudo_labels` images, each image through each member's
-evaluation transform; no test image is used): the centroid of class c is the mean of the
+centroid classifier is fitted on the TRAIN split of the same members (the whole train split,
+before any validation hold-out, without `data.pseudo_labels` images, each image through each
+member's evaluation transform; no test image is used): the centroid of class c is the mean of the
 train vectors e of class c, L2-normalised. An image's scores are the cosine similarities
 cos(e, c) to the centroids; the prediction is the most similar centroid. Embeddings are of
 the single evaluation view (no TTA).
