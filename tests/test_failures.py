@@ -158,6 +158,22 @@ def test_added_keys_hold_the_defaults_of_the_configs():
   assert workdir_lib.differences(old, new) == []
 
 
+def test_a_rewritten_pseudo_label_file_is_refused_on_resume(tmp_path):
+  """The same data.pseudo_labels path with other content (another round written into it) is
+  another training set: the guard names it; the same content resumes."""
+  cfg = tiny_config.get_config()
+  w = str(tmp_path / "w")
+  with cfg.unlocked():
+    cfg.data.pseudo_labels = str(tmp_path / "pl.csv")
+    cfg.pseudo_labels_sha256_resolved = "a" * 64
+  workdir_lib.write_config(cfg, w)
+  assert workdir_lib.check(cfg, w).kind == "same"
+  with cfg.unlocked():
+    cfg.pseudo_labels_sha256_resolved = "b" * 64
+  with pytest.raises(workdir_lib.WorkdirError, match=r"data\.pseudo_labels \(the file's content"):
+    workdir_lib.check(cfg, w)
+
+
 def test_changed_config_is_refused_before_anything_is_written(trained, tmp_path):
   w = _copy(trained, tmp_path)
   before = _snapshot(w)

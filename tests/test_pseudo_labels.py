@@ -219,8 +219,11 @@ def test_two_rounds_on_a_folder_dataset(tmp_path, caplog):
     result = trainer.train_and_evaluate(cfg2, str(w2))
   assert f"added {len(test_files)} pseudo-labelled images" in caplog.text
   assert "metrics are transductive" in caplog.text
+  assert result["transductive"]["test_images_trained_on"] == len(test_files)
   assert result["val"]["num_examples"] == len(val1)
-  assert json.loads((w2 / "config.json").read_text())["data"]["pseudo_labels"] == str(csv_path)
+  saved = json.loads((w2 / "config.json").read_text())
+  assert saved["data"]["pseudo_labels"] == str(csv_path)
+  assert saved["pseudo_labels_sha256_resolved"] == pl.file_digest(str(csv_path))
 
   # errors: one line, exit 2, naming the file
   bad = tmp_path / "bad.csv"

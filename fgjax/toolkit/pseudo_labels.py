@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import logging
 import os
 from typing import Callable, Iterable, Sequence
@@ -133,6 +134,13 @@ def confident_rows(images: Sequence[str], probs, class_names: Sequence[str],
 # ----------------------------------------------------------------------------- the file
 
 
+def file_digest(path: str) -> str:
+  """The sha256 of a pseudo-label file: a run records it (`pseudo_labels_sha256_resolved`) so
+  that a resume on a file rewritten since (another round into the same path) is refused."""
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
 def write(path: str, rows: Iterable[tuple[str, str, float]]) -> str:
   """Writes rows (image, class name, prob) as the pseudo-label CSV `path` (image files as
   absolute paths; `split:...` references as they are). A file already there is kept as
@@ -234,6 +242,7 @@ class PseudoLabelSource(Source):
     self.part_names, self.part_flip = train.part_names, train.part_flip
     self.pseudo = list(labels)
     self.id_start = int(id_start)
+    self.transductive_images = 0  # how many rows are test-split images (`add_to_train`)
     if len(train) and self.id_start <= int(np.max(train.ids)):
       raise ValueError(f"PseudoLabelSource: id_start {id_start} <= the train split's largest "
                        f"id {int(np.max(train.ids))}")
@@ -324,6 +333,7 @@ def add_to_train(train: Source, path: str, labelled: Source,
     test_files = set(os.path.abspath(f) for f in getattr(_root(test), "files", []) or [])
     n_test = sum((parse_split_ref(r.image) or ("",))[0] == test.split or r.image in test_files
                  for r in kept)
+    out.transductive_images = int(n_test)  # final_metrics.json records it
     if n_test:
       log.info("%s: %d of the %d pseudo-labelled images are %s-split images: this run's %s "
                "metrics are transductive (the model trained on those images, with predicted "

@@ -34,7 +34,7 @@ import numpy as np
 
 from fgjax import data as fgdata
 from fgjax.methods import base as protocol
-from fgjax.toolkit import crops, tta
+from fgjax.toolkit import crops, pseudo_labels, tta
 from fgjax.train import checkpoint as ckpt_lib
 from fgjax.train import evaluation, logs, setup, sharding
 from fgjax.train import workdir as workdir_lib
@@ -138,6 +138,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with config.unlocked():
     config.num_classes_resolved = num_classes
     config.class_names_resolved = list(train_src.class_names)
+    if config.data.get("pseudo_labels"):  # what the file held (workdir guard: rewritten since?)
+      config.pseudo_labels_sha256_resolved = pseudo_labels.file_digest(config.data.pseudo_labels)
   model, method = setup.build(config, num_classes)
 
   batch_size = int(config.batch_size)
@@ -334,6 +336,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       "validation split for an honest number: 'test')"}
     result["selected"] = which
     result["tta"] = tta_preset  # the test-time augmentation of every evaluation above
+    if getattr(train_src, "transductive_images", 0):  # pseudo-labelled test images trained on
+      result["transductive"] = {
+          "test_images_trained_on": train_src.transductive_images,
+          "note": "the test metrics are transductive: the model trained on these test images "
+                  "with its own predicted labels (data.pseudo_labels)"}
     guard.commit(config)
     if jax.process_index() == 0:
       path = os.path.join(workdir, "final_metrics.json")

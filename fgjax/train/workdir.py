@@ -14,8 +14,9 @@ keys ending in `_resolved` are what a run derives from its data and are not comp
   and its block size, the same function within float rounding; the pseudo-label mode's
   settings, which training does not read): a resume, each change logged (`eval.tta` is not
   one: validation under another preset would pick the best checkpoint on other numbers);
-- any other key differs, or the data has other class names (another dataset under the same
-  name or folder): `WorkdirError` listing the keys (old -> new) and the two ways forward,
+- any other key differs, the data has other class names (another dataset under the same
+  name or folder), or the pseudo-label file (`data.pseudo_labels`) holds other rows than when
+  the run started (its sha256, `pseudo_labels_sha256_resolved`): `WorkdirError` listing the keys (old -> new) and the two ways forward,
   unless `config.resume_with_changes=True`, which resumes with the new config and keeps the old
   file as `config.<n>.json`.
 A run that a helper trains first (a teacher in `<workdir>/teacher`, `Helper.runs_first`) is
@@ -206,6 +207,10 @@ def check(config, workdir: str, helpers=()) -> Guard:
   old_names, new_names = old.get("class_names_resolved"), new.get("class_names_resolved")
   if old_names and new_names and list(old_names) != list(new_names):  # another dataset
     diffs.insert(0, ("class_names_resolved", _names(old_names), _names(new_names)))
+  old_pl, new_pl = (c.get("pseudo_labels_sha256_resolved") for c in (old, new))
+  if old_pl and new_pl and old_pl != new_pl:  # the same data.pseudo_labels path, rewritten
+    diffs.insert(0, ("data.pseudo_labels (the file's content, sha256)", old_pl[:12] + "...",
+                     new_pl[:12] + "..."))
   if not diffs:
     return Guard(workdir, "same")
   blocking = [d for d in diffs if not _matches(d[0], RESUMABLE)]
