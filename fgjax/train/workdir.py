@@ -16,9 +16,9 @@ keys ending in `_resolved` are what a run derives from its data and are not comp
   one: validation under another preset would pick the best checkpoint on other numbers);
 - any other key differs, the data has other class names (another dataset under the same
   name or folder), or the pseudo-label file (`data.pseudo_labels`) holds other rows than when
-  the run started (its sha256, `pseudo_labels_sha256_resolved`): `WorkdirError` listing the keys (old -> new) and the two ways forward,
-  unless `config.resume_with_changes=True`, which resumes with the new config and keeps the old
-  file as `config.<n>.json`.
+  the run started (its sha256, `pseudo_labels_sha256_resolved`): `WorkdirError` listing the
+  keys (old -> new) and the two ways forward, unless `config.resume_with_changes=True`, which
+  resumes with the new config and keeps the old file as `config.<n>.json`.
 A run that a helper trains first (a teacher in `<workdir>/teacher`, `Helper.runs_first`) is
 checked the same way against its own workdir.
 A directory that holds files but no fgjax run (no config.json, checkpoints/ or teacher/) is
