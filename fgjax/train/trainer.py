@@ -29,6 +29,7 @@ import threading
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -216,6 +217,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if crop_plan is not None and start < total_steps:
       crop_table, refresh_now = crops.restored(ckpt.load_crops(start) if start else None,
                                                crop_plan, start, train_src)
+      if jax.process_count() > 1:  # every process refreshes (a sharded pass) or none does
+        refresh_now = bool(np.asarray(multihost_utils.process_allgather(
+            np.asarray(refresh_now))).any())
       if refresh_now:
         crop_table = refresh_crops(start)
       if crop_table is not None:
