@@ -195,6 +195,8 @@ def resolved(config, method, element_spec):
 def build_model(config, num_classes: int):
   mcfg = config.model
   kwargs = dict(mcfg.get("kwargs", {}) or {})
+  if "attn" in kwargs and kwargs["attn"] is None:  # the ResNet recipes' unset placeholder
+    del kwargs["attn"]  # (configs.common.resnet_attention): the model's own default
   kwargs["dtype"] = dtype_of(mcfg.get("dtype", "float32"))
   return models.create(mcfg.name, num_classes=num_classes, img_size=mcfg.img_size, **kwargs)
 
