@@ -661,3 +661,17 @@ def set_keys(config, over: dict):
       node = node[name]
     node[last] = value
   return config
+
+
+def randomise_batchnorm(ref, generator):
+  """A torch reference's BatchNorm2d layers given non-trivial running statistics and affine
+  terms drawn from `generator` (so that parity tests compare more than the identity)."""
+  import torch
+  with torch.no_grad():
+    for m in ref.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=generator))
+        m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=generator))
+        m.weight.copy_(1 + 0.1 * torch.randn(m.num_features, generator=generator))
+        m.bias.copy_(0.1 * torch.randn(m.num_features, generator=generator))
+  return ref

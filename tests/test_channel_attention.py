@@ -12,6 +12,7 @@ import jax.numpy as jnp
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
+import data_fixtures as fx  # noqa: E402
 from fgjax import convert, models  # noqa: E402
 from fgjax.models import channel_attention as ca, resnet  # noqa: E402
 
@@ -21,13 +22,7 @@ ATOL = RTOL = 1e-4  # as tests/test_resnet.py
 def _random_stats(ref):
   """`ref` in eval mode with non-trivial BatchNorm statistics and affine terms."""
   g = torch.Generator().manual_seed(1)
-  with torch.no_grad():
-    for m in ref.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
-        m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
-        m.weight.copy_(1 + 0.1 * torch.randn(m.num_features, generator=g))
-        m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+  fx.randomise_batchnorm(ref, g)
   return ref.eval()
 
 

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 timm_regnet = pytest.importorskip("timm.models.regnet")
 
+import data_fixtures as fx  # noqa: E402
 from fgjax import convert, models  # noqa: E402
 from fgjax.models import regnet  # noqa: E402
 
@@ -22,13 +23,8 @@ TINY = dict(w0=8, wa=6, wm=1.5, depth=6, group_size=8, se_ratio=0.25, stem_width
 def _randomise(ref):
   """Non-trivial BatchNorm statistics and affine terms, and a head of unit-scale logits."""
   g = torch.Generator().manual_seed(1)
+  fx.randomise_batchnorm(ref, g)
   with torch.no_grad():
-    for m in ref.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
-        m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
-        m.weight.copy_(1 + 0.1 * torch.randn(m.num_features, generator=g))
-        m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
     fc = ref.head.fc
     if isinstance(fc, torch.nn.Linear):
       fc.weight.copy_(torch.randn(fc.weight.shape, generator=g) / fc.in_features ** 0.5)
@@ -274,7 +270,6 @@ def test_fgvc9_recipe_config(tmp_path):
   """configs/fgvc9_regnety160_folder.py: the seed's choices at both resolutions (remat at 960,
   SE RegNetY-16GF, AutoAugment, dropout, attention crops, TTA), an unknown resolution refused,
   and the quick variant's pipelines reading a folder dataset."""
-  import data_fixtures as fx
   from configs import fgvc9_regnety160_folder as recipe
   c512, c960 = recipe.get_config("res=512"), recipe.get_config("res=960")
   assert (c512.model.name, c512.model.img_size, c960.model.img_size) == ("regnety_160", 512, 960)
