@@ -34,6 +34,9 @@ class Source:
   # order after a horizontal flip (left <-> right parts), or None.
   part_names: list[str] = []
   part_flip: np.ndarray | None = None
+  # Test-split images among the examples, trained on with predicted labels (pseudo-labels,
+  # fgjax.toolkit.pseudo_labels): the run's test metrics are then transductive.
+  transductive_images: int = 0
 
   @property
   def num_classes(self) -> int:

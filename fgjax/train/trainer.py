@@ -340,7 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       "validation split for an honest number: 'test')"}
     result["selected"] = which
     result["tta"] = tta_preset  # the test-time augmentation of every evaluation above
-    if getattr(train_src, "transductive_images", 0):  # pseudo-labelled test images trained on
+    if train_src.transductive_images:  # pseudo-labelled test images trained on
       result["transductive"] = {
           "test_images_trained_on": train_src.transductive_images,
           "note": "the test metrics are transductive: the model trained on these test images "
