@@ -138,6 +138,10 @@ class FakeDataset:
   bad_ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)
   # id -> (P, 3) x, y, visible as written to parts/part_locs.txt (CUB)
   part_locs: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+  # image path relative to the dataset root -> the sentences of its description file
+  # (make_fake_cub / make_fake_folder with text=...); text_dir: where CUB's text_c10/ went
+  texts: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  text_dir: str | None = None
 
   @property
   def num_classes(self) -> int:
@@ -148,6 +152,29 @@ def _kind_for(i: int, image_kinds: Sequence[str], bad: dict | None) -> str:
   if bad and i in bad:
     return bad[i]
   return image_kinds[i % len(image_kinds)]
+
+
+TEXT_COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "grey")
+TEXT_LINES = 10  # captions per image, as in Reed et al.'s text_c10
+
+
+def captions(class_index: int, tag: str) -> list[str]:
+  """TEXT_LINES short captions that depend on the class (its colour) and name `tag` (so
+  tests can tell which image's file a text came from)."""
+  colour = TEXT_COLOURS[class_index % len(TEXT_COLOURS)]
+  frames = ("this bird has a {} crown", "a small bird with a {} crown and a short beak",
+            "the bird has {} wings", "this is a {} bird with a long tail",
+            "a {} crown sits on its head", "the bird is mostly {}",
+            "this bird has a {} breast and dark eyes", "a bird with {} feathers",
+            "its belly is {}", "photo {} shows a {} bird")
+  out = [f.format(colour) for f in frames[:-1]]
+  return out[:TEXT_LINES - 1] + [frames[-1].format(tag, colour)]
+
+
+def _write_text(path: str, lines: Sequence[str]):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
 
 
 def _box_for(i: int, size) -> tuple[float, float, float, float]:
@@ -176,11 +203,14 @@ def _part_locs_for(i: int, size) -> np.ndarray:
 
 def make_fake_cub(root, num_classes: int = 3, per_class: int = 4, image_size=(50, 40),
                   image_kinds: Sequence[str] = ("jpeg",), bad: dict | None = None,
-                  omit: Sequence[str] = ()) -> FakeDataset:
+                  omit: Sequence[str] = (), text=False) -> FakeDataset:
   """root/CUB_200_2011/ with images.txt, image_class_labels.txt, train_test_split.txt,
   classes.txt, bounding_boxes.txt, parts/parts.txt, parts/part_locs.txt and
   images/<NNN.Class>/...; every other image of a class is a test image. `bad` = {running
-  index: kind} for bad files; `omit` = files not to write (e.g. "parts/part_locs.txt")."""
+  index: kind} for bad files; `omit` = files not to write (e.g. "parts/part_locs.txt").
+  `text`: also write Reed et al.'s descriptions, text_c10/<NNN.Class>/<image stem>.txt with
+  `captions(class, image id)`: True puts text_c10/ in CUB_200_2011/, "parent" beside it (in
+  root, as cvpr2016_cub.tar.gz unpacks it), any other str is the folder to use as text_c10."""
   base = os.path.join(os.fspath(root), "CUB_200_2011")
   names = [f"Class_{c + 1}_{'ABC'[c % 3]}ird" for c in range(num_classes)]
   lines = {k: [] for k in ("images", "labels", "split", "boxes", "locs")}
@@ -218,7 +248,17 @@ def make_fake_cub(root, num_classes: int = 3, per_class: int = 4, image_size=(50
     if fname not in omit:
       with open(os.path.join(base, fname), "w") as f:
         f.write("\n".join(rows) + "\n")
-  return FakeDataset("cub", base, base, names, splits, boxes, bad_ids, part_locs)
+  out = FakeDataset("cub", base, base, names, splits, boxes, bad_ids, part_locs)
+  if text:
+    out.text_dir = (os.path.join(base, "text_c10") if text is True else
+                    os.path.join(os.fspath(root), "text_c10") if text == "parent" else
+                    os.fspath(text))
+    for split in splits.values():
+      for img_id, c, rel in split:
+        out.texts[rel] = captions(c, str(img_id))
+        stem = os.path.splitext(os.path.relpath(rel, "images"))[0]
+        _write_text(os.path.join(out.text_dir, stem + ".txt"), out.texts[rel])
+  return out
 
 
 NABIRDS_CLASS_IDS = (295, 313, 1002, 47)  # sparse ids that have images (sorted: 47, 295, ...)
@@ -454,13 +494,14 @@ def make_fake_aircraft(root, num_classes: int = 3, per_class: int = 4, image_siz
 def make_fake_folder(root, classes: Sequence[str] = ("owl", "crow", "finch"),
                      per_class: int = 3, image_size=(50, 40), eval_dirs: Sequence[str] = ("val",),
                      image_kinds: Sequence[str] = ("jpeg", "png"),
-                     bad: dict | None = None) -> FakeDataset:
+                     bad: dict | None = None, text: bool = False) -> FakeDataset:
   """root/train/<class>/img_<n>.<ext> and root/<eval dir>/<class>/... for each of
   `eval_dirs` ("val", "test"). Class order: sorted train sub-folders. Also writes a
-  non-image file and a hidden file that must be ignored."""
+  non-image file and a hidden file that must be ignored. `text=True`: also a description
+  <stem>.txt beside each image, `captions(class, relpath)`."""
   base = os.fspath(root)
   names = sorted(classes)
-  splits, bad_ids = {}, {}
+  splits, bad_ids, texts = {}, {}, {}
   i = 0
   for split in ("train",) + tuple(eval_dirs):
     items = []
@@ -473,13 +514,16 @@ def make_fake_folder(root, classes: Sequence[str] = ("owl", "crow", "finch"),
         if kind in BAD_KINDS:
           bad_ids[split].append(len(items))
         items.append((len(items), names.index(c), rel))
+        if text:
+          texts[rel] = captions(names.index(c), rel)
+          _write_text(os.path.join(base, os.path.splitext(rel)[0] + ".txt"), texts[rel])
         i += 1
       with open(os.path.join(base, split, c, "notes.txt"), "w") as f:
         f.write("not an image\n")
       with open(os.path.join(base, split, c, ".hidden.jpg"), "w") as f:
         f.write("hidden\n")
     splits[split] = items
-  return FakeDataset("folder", base, base, names, splits, bad_ids=bad_ids)
+  return FakeDataset("folder", base, base, names, splits, bad_ids=bad_ids, texts=texts)
 
 
 # ----------------------------------------------------------------------------- tfds

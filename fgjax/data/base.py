@@ -2,7 +2,10 @@
 
 A `Source` is random access: `len(source)`, `source[i] -> {"image": uint8 (H, W, 3) RGB,
 "label": int, "id": int, ...}`, `source.class_names`, `source.num_classes`, and `source.ids` /
-`source.labels` (numpy arrays, known without decoding). `fgjax.data.sources.get_source` builds
+`source.labels` (numpy arrays, known without decoding). A source with text (`has_text`: CUB or a
+class-folder tree read with `with_text=True`, the synthetic birds) also gives each example's
+sentences, `source.texts(i) -> list[str]`, without decoding the image, and its records hold
+them as "text". `fgjax.data.sources.get_source` builds
 one from a dataset name; the layouts are in `fgjax.data.layouts` (files on disk),
 `fgjax.data.tfds_source` (tensorflow-datasets) and `fgjax.data.synthetic`.
 """
@@ -37,6 +40,9 @@ class Source:
   # Test-split images among the examples, trained on with predicted labels (pseudo-labels,
   # fgjax.toolkit.pseudo_labels): the run's test metrics are then transductive.
   transductive_images: int = 0
+  # Text descriptions: when True, `texts(i)` gives example i's sentences and `get(i)`'s record
+  # holds them as "text" (a list of sentences, empty when the example has no description).
+  has_text: bool = False
 
   @property
   def num_classes(self) -> int:
@@ -52,6 +58,12 @@ class Source:
     at a reduced size whose shorter side stays >= min_size (boxes in the record are scaled to
     match); `decoder` ("opencv" or "pil", `fgjax.data.images.read_image`) decodes files."""
     raise NotImplementedError
+
+  def texts(self, i: int) -> list[str]:
+    """The sentences describing example i (0 <= i < len), read without decoding the image;
+    an empty list when the example has no description (missing text)."""
+    raise NotImplementedError(f"{type(self).__name__} {self.name}/{self.split} has no text "
+                              f"(has_text is False)")
 
   def __getitem__(self, i: int) -> dict:
     n = len(self)
@@ -91,9 +103,13 @@ class SubsetSource(Source):
     self.labels = np.asarray(parent.labels)[self.indices]
     self.box_shapes = parent.box_shapes
     self.part_names, self.part_flip = parent.part_names, parent.part_flip
+    self.has_text = bool(getattr(parent, "has_text", False))
 
   def get(self, i, min_size=None, decoder="opencv"):
     return self.parent.get(int(self.indices[i]), min_size, decoder)
+
+  def texts(self, i):
+    return self.parent.texts(int(self.indices[i]))
 
 
 def split_train_val(source: Source, val_fraction: float, seed: int = 0):

@@ -3,6 +3,11 @@ and a folder per class, each read into a `FileSource` (the files each reads: the
 `fgjax.data.sources`; folder trees in docs/datasets.md).
 
 `_FILE_DATASETS` maps each name to its reader `(split, data_dir, skip_bad_images) -> FileSource`.
+`load_texts(source, text_dir, allow_missing_text)` reads the images' text descriptions (one
+sentence a line): each image's file is `<text_dir>/<image path relative to the dataset's image
+folder, extension .txt>`, which for CUB is Reed et al.'s (2016) `text_c10/<class folder>/<image
+stem>.txt`; without a text_dir, CUB uses a `text_c10/` in or beside its folder, and every other
+dataset (and CUB without one) the `.txt` beside each image.
 """
 from __future__ import annotations
 
@@ -55,13 +60,17 @@ class FileSource(Source):
 
   Every listed file must exist (else `DatasetNotFoundError` naming the first missing one);
   with `skip_bad_images=True` missing and undecodable files are dropped instead (see the
-  docstring of `fgjax.data.sources`).
+  docstring of `fgjax.data.sources`). `texts`: optionally one list of sentences per file (the
+  records then hold "text"; `load_texts` reads them from description files). `image_dir`: the
+  folder the dataset's image paths are relative to (default `root`), for the text layout.
   """
 
   def __init__(self, name: str, split: str, files: Sequence[str], labels, ids,
                class_names: Sequence[str], object_boxes=None, skip_bad_images: bool = False,
-               root: str | None = None, part_locs=None, part_names: Sequence[str] = ()):
+               root: str | None = None, part_locs=None, part_names: Sequence[str] = (),
+               texts: Sequence[Sequence[str]] | None = None, image_dir: str | None = None):
     self.name, self.split = name, split
+    self.root, self.image_dir = root, image_dir if image_dir is not None else root
     self.files = [os.fspath(f) for f in files]
     self.labels = np.asarray(labels, np.int64).reshape(-1)
     self.ids = np.asarray(ids, np.int64).reshape(-1)
@@ -76,6 +85,9 @@ class FileSource(Source):
       self.part_flip = flip_order(self.part_names)
       self.box_shapes["part_locs"] = self.part_locs.shape[1:]
     self.num_skipped = 0
+    self._texts = None
+    if texts is not None:
+      self._set_texts(texts)
     if not (len(self.files) == len(self.labels) == len(self.ids)):
       raise DatasetError(f"{name}/{split}: {len(self.files)} files, {len(self.labels)} labels, "
                          f"{len(self.ids)} ids")
@@ -106,6 +118,20 @@ class FileSource(Source):
       self.object_boxes = self.object_boxes[ok]
     if self.part_locs is not None:
       self.part_locs = self.part_locs[ok]
+    if self._texts is not None:
+      self._texts = [t for t, g in zip(self._texts, ok) if g]
+
+  def _set_texts(self, texts):
+    texts = [[str(t) for t in ts] for ts in texts]
+    if len(texts) != len(self.files):
+      raise DatasetError(f"{self.name}/{self.split}: {len(texts)} texts for {len(self.files)} "
+                         f"files")
+    self._texts, self.has_text = texts, True
+
+  def texts(self, i):
+    if self._texts is None:
+      return super().texts(i)
+    return list(self._texts[i])
 
   def _drop_bad_images(self):
     def check(path):
@@ -139,7 +165,88 @@ class FileSource(Source):
       locs = self.part_locs[i].copy()
       locs[:, :2] *= np.float32(scale)
       rec["part_locs"] = locs
+    if self._texts is not None:
+      rec["text"] = list(self._texts[i])
     return img, rec
+
+
+# ----------------------------------------------------------------------------- text
+
+TEXT_FOLDER = "text_c10"  # Reed et al. 2016's CUB descriptions (cvpr2016_cub.tar.gz)
+
+
+def _sentences(content: str) -> list[str]:
+  return [line.strip() for line in content.splitlines() if line.strip()]
+
+
+def _read_description(path: str):
+  """The sentences of a description file, or None when it is missing."""
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      return _sentences(f.read())
+  except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    return None
+
+
+def description_path(source: FileSource, file: str, text_dir: str | None) -> str:
+  """The description file of image `file`: `<text_dir>/<path relative to source.image_dir>`
+  with extension .txt, or the .txt beside the image when text_dir is None."""
+  if text_dir is None:
+    return os.path.splitext(file)[0] + ".txt"
+  rel = os.path.relpath(file, source.image_dir or os.path.dirname(file))
+  return os.path.join(text_dir, os.path.splitext(rel)[0] + ".txt")
+
+
+def default_text_dir(source: FileSource) -> str | None:
+  """CUB: `text_c10/` in the CUB folder, beside it, or in a `cvpr2016_cub/` beside it (the
+  first that exists); None (descriptions beside the images) otherwise."""
+  if source.name != "cub" or not source.root:
+    return None
+  parent = os.path.dirname(os.path.abspath(source.root))
+  for cand in (os.path.join(source.root, TEXT_FOLDER), os.path.join(parent, TEXT_FOLDER),
+               os.path.join(parent, "cvpr2016_cub", TEXT_FOLDER)):
+    if os.path.isdir(cand):
+      return cand
+  return None
+
+
+def load_texts(source: FileSource, text_dir=None, allow_missing_text: bool = False) -> FileSource:
+  """Reads every image's description file (one sentence a line, UTF-8, blank lines ignored;
+  see the module docstring for where) into `source` (in place; returned). A missing or empty
+  file is a `DatasetNotFoundError` naming it and the number of such files, unless
+  `allow_missing_text`: those images then get an empty list of sentences (one warning)."""
+  name, split = source.name, source.split
+  if text_dir is not None:
+    text_dir = os.path.abspath(os.path.expanduser(os.fspath(text_dir)))
+    if not os.path.isdir(text_dir):
+      raise DatasetNotFoundError(f"{name}: data.text_dir={text_dir!r} is not a folder (the "
+                                 f"text descriptions, e.g. CUB's {TEXT_FOLDER}/)")
+  else:
+    text_dir = default_text_dir(source)
+  paths = [description_path(source, f, text_dir) for f in source.files]
+  with concurrent.futures.ThreadPoolExecutor(max(os.cpu_count() or 1, 2) * 2) as pool:
+    texts = list(pool.map(_read_description, paths))
+  missing = [p for p, t in zip(paths, texts) if t is None]
+  empty = [p for p, t in zip(paths, texts) if t is not None and not t]
+  if missing or empty:
+    first = (missing or empty)[0]
+    where = text_dir or source.root
+    shown = os.path.relpath(first, where) if where else first
+    counts = (f"{len(missing)} missing and {len(empty)} empty of the {len(paths)} {split} "
+              f"images' description files")
+    place = f"data.text_dir={text_dir!r}" if text_dir else "beside the images"
+    if not allow_missing_text:
+      raise DatasetNotFoundError(
+          f"{name}/{split}: description file {shown} "
+          f"{'not found' if missing else 'is empty'} ({counts}; {place}). Set data.text_dir to "
+          f"the descriptions' folder (CUB: Reed et al.'s {TEXT_FOLDER}/, one sentence a line), "
+          f"or data.allow_missing_text=True to give those images an empty text.")
+    msg = (f"{name}/{split}: {counts} ({place}), e.g. {shown}; those images get an empty text "
+           f"(allow_missing_text=True)")
+    log.warning(msg)
+    warnings.warn(msg, stacklevel=3)
+  source._set_texts([t or [] for t in texts])
+  return source
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -295,7 +402,7 @@ def _birds_source(name, split, data_dir, skip_bad_images):
   parts = _read_parts(name, root, base, keys)
   return FileSource(name, split, files, ys, ids, names,
                     _xywh_to_xyxy(bxs) if boxes is not None else None, skip_bad_images, root,
-                    *(parts or (None, ())))
+                    *(parts or (None, ())), image_dir=os.path.join(root, "images"))
 
 
 def _mat_value(v):
@@ -432,7 +539,7 @@ def _dogs_source(split, data_dir, skip_bad_images):
   names = [synsets[c].split("-", 1)[-1] if c in synsets else f"class_{c}" for c in range(num)]
   files = [os.path.join(img_root, r) for r in rels]
   return FileSource(name, split, files, labels, np.arange(len(files)), names, None,
-                    skip_bad_images, root)
+                    skip_bad_images, root, image_dir=img_root)
 
 
 def _aircraft_source(split, data_dir, skip_bad_images):
@@ -464,7 +571,7 @@ def _aircraft_source(split, data_dir, skip_bad_images):
       bxs.append(boxes.get(img_id, [0.0, 0.0, 0.0, 0.0]))
   return FileSource(name, split, files, ys, ids, names,
                     None if boxes is None else np.asarray(bxs, np.float32), skip_bad_images,
-                    root)
+                    root, image_dir=os.path.join(root, "images"))
 
 
 def _list_images(folder: str) -> list[str]:

@@ -29,6 +29,13 @@ Names and the files each reads (folder trees in docs/datasets.md):
 Splits: "train" and "test" for all; "val" too for `folder` and `synthetic`. Boxes are
 (x0, y0, x1, y1) float32 pixels of the decoded image.
 
+Text (`with_text=True`, every file dataset but tfds): each image's description file, one
+sentence a line, is `<text_dir>/<image path relative to the image folder>.txt` (CUB: Reed et
+al.'s `text_c10/<class folder>/<image stem>.txt`, found in or beside CUB_200_2011/ when
+text_dir is None), or the `.txt` beside the image; the records then hold "text" (a list of
+sentences) and `source.texts(i)` gives them (`fgjax.data.layouts.load_texts`). The synthetic
+birds always have text (`text="plain"` or `"hard"`, `fgjax.data.synthetic`).
+
 Errors: a missing or incomplete dataset folder raises `DatasetNotFoundError` (a
 FileNotFoundError) naming the missing file, where the dataset comes from and the config key
 (`data.data_dir`); inconsistent annotations (e.g. a label outside [0, num_classes)) raise
@@ -48,7 +55,7 @@ import os
 
 from fgjax.data.base import (DatasetError, DatasetNotFoundError, Source, SubsetSource,
                              split_train_val)
-from fgjax.data.layouts import _FILE_DATASETS, IMAGE_EXTENSIONS, FileSource
+from fgjax.data.layouts import _FILE_DATASETS, IMAGE_EXTENSIONS, FileSource, load_texts
 from fgjax.data.synthetic import SyntheticSource
 from fgjax.data.tfds_source import TfdsSource
 
@@ -64,16 +71,24 @@ def get_source(name: str, split: str, data_dir: str | os.PathLike | None = None,
                **kw) -> Source:
   """Returns the random-access source `name` / `split` (see the module docstring).
 
-  Keyword arguments: `skip_bad_images` (all but synthetic); `image_key`, `label_key` (tfds);
-  `num_classes`, `num_examples`, `image_size`, `seed`, `cache`, `part_scale`, `decoys`
-  (synthetic).
+  Keyword arguments: `skip_bad_images` (all but synthetic); `with_text`, `text_dir`,
+  `allow_missing_text` (file datasets; see the module docstring); `image_key`, `label_key`
+  (tfds); `num_classes`, `num_examples`, `image_size`, `seed`, `cache`, `part_scale`, `decoys`,
+  `text`, `text_sentences`, `text_noise` (synthetic, which always has text and ignores the
+  file datasets' text arguments).
   """
   name = str(name).strip()
   key = name.lower()
+  with_text = bool(kw.pop("with_text", False))
+  text_dir = kw.pop("text_dir", None)
+  allow_missing_text = bool(kw.pop("allow_missing_text", False))
   if key == "synthetic":
     kw.pop("skip_bad_images", None)
     return SyntheticSource(split=split, **kw)
   if key.startswith("tfds:"):
+    if with_text:
+      raise ValueError(f"data.name={name!r}: text (with_text / data.text_dir) is not supported "
+                       f"for tfds datasets; use the cub or folder layout with text files")
     return TfdsSource(name.split(":", 1)[1], split, data_dir, **kw)
   skip = bool(kw.pop("skip_bad_images", False))
   if kw:
@@ -84,4 +99,7 @@ def get_source(name: str, split: str, data_dir: str | os.PathLike | None = None,
   if key not in _FILE_DATASETS:
     raise ValueError(f"config.data.name: unknown dataset {name!r}; available: "
                      f"{', '.join(DATASETS)}")
-  return _FILE_DATASETS[key](split, data_dir, skip)
+  source = _FILE_DATASETS[key](split, data_dir, skip)
+  if with_text:
+    load_texts(source, text_dir, allow_missing_text)
+  return source

@@ -41,6 +41,26 @@ different random streams - for any count, 2-200 classes and any image size (defa
    "text": "a grey bird with a red beak, a blue crest and a yellow throat."}
 
 Rendering takes a few milliseconds at 224 pixels (numpy + PIL ImageDraw).
+
+Text (`has_text`; `texts(i)` gives the sentences as a list). The default `text="plain"` is the
+sentence above: it names the three parts' true colours, so it alone determines the class.
+`text="hard"` (`text_sentences=4`, `text_noise=0.1`) describes only some of the parts, in
+CUB-caption-like sentences ("this bird has a red beak", "a small bird with a blue crest as well
+as a pointed red beak", "this bird has a yellow throat and a short tail perched on a branch"):
+each example describes a random subset of one or two of the three parts (equal chances, fixed
+for the example), each of its `text_sentences` sentences mentions a non-empty random subset of
+those, in random order and wording, with colourless filler phrases; each mention names the
+part's true colour or, with probability `text_noise`, another of the seven vivid colours; the
+body colour is never named. So the text alone cannot determine the class and the image must
+still be read, while the text still helps: over 2000 train examples of 20 classes (seed 0) the
+true colours of the mentioned parts identify the class uniquely for 50.6% of the examples
+(those mentioning two parts, as any two of the first 38 classes differ in two parts, and a few
+mentioning one: one part leaves 1-5 candidate classes; 2.1 on average), a text-only guess
+knowing the true colours would be right 66.7% of the time, and 10.1% of the 9973 mentions
+name a wrong colour (docs/datasets.md; `python -m fgjax.data.synthetic --text-stats`). The
+hard text comes from its own random stream, seeded by (seed, split, index): `texts(i)` renders
+nothing, and the images are bit-identical to the plain variant's. The record's "text" is the plain
+sentence (a str) or the hard variant's list of sentences.
 """
 from __future__ import annotations
 
@@ -326,12 +346,98 @@ def _a(word: str) -> str:
   return "an" if word[0] in "aeiou" else "a"
 
 
+# ----------------------------------------------------------------------------- hard text
+
+_TEXT_STREAM = 0x7E47  # the hard text's stream constant (its rng is independent of the image's)
+_PART_NOUNS = {"beak": ("beak", "bill"), "crest": ("crest",), "throat": ("throat",)}
+_PART_ADJECTIVES = {"beak": ("short", "pointed", "small", "sharp"),
+                    "crest": ("small", "pointed", "tall"), "throat": ("small",)}
+_SIZES = ("small", "little", "tiny", "medium sized", "plump")
+_FILLER_PHRASES = ("a short tail", "a long tail", "short legs", "thin legs", "a round head",
+                   "a rounded belly", "small eyes", "long wings")
+_FILLER_CLAUSES = ("perched on a branch", "and it is perched on a branch",
+                   "sitting on a thin branch", "and it is sitting on a twig")
+_FRAMES = ("this bird has {}", "the bird has {}", "a {s} bird with {}",
+           "this is a {s} bird with {}", "this {s} bird has {}", "a bird with {}",
+           "this bird is {s} and has {}")
+_JOINS = (" and ", " as well as ", " and also ", ", and ")
+
+
+def hard_text(seed: int, split_code: int, index: int, sentences: int = 4, noise: float = 0.1,
+              attributes=(0, 1, 2)):
+  """(sentences, mentions) of the hard text variant for example `index`: `mentions` lists per
+  sentence the (part index, colour id named) pairs it mentions; `attributes` are the true
+  (beak, crest, throat) colour ids. Drawn from its own random stream, seeded by (seed,
+  split_code, index, a constant)."""
+  rng = np.random.default_rng([int(seed), int(split_code), int(index), _TEXT_STREAM])
+  described = sorted(rng.choice(len(PARTS), int(rng.integers(1, 3)), replace=False).tolist())
+  out, mentions = [], []
+  for _ in range(int(sentences)):
+    k = len(described) if len(described) == 1 else int(rng.integers(1, 3))
+    chosen = [described[j] for j in rng.permutation(len(described))[:k]]
+    phrases, named = [], []
+    for p in chosen:
+      colour = int(attributes[p])
+      if rng.uniform() < noise:
+        colour = int(rng.choice([c for c in range(len(_NAMES)) if c != attributes[p]]))
+      adjectives = _PART_ADJECTIVES[PARTS[p]]
+      adj = adjectives[int(rng.integers(len(adjectives)))] if rng.uniform() < 0.35 else ""
+      nouns = _PART_NOUNS[PARTS[p]]
+      words = " ".join(w for w in (adj, _NAMES[colour], nouns[int(rng.integers(len(nouns)))])
+                       if w)
+      phrases.append(f"{_a(words)} {words}")
+      named.append((p, colour))
+    if rng.uniform() < 0.3:
+      phrases.insert(int(rng.integers(len(phrases) + 1)),
+                     _FILLER_PHRASES[int(rng.integers(len(_FILLER_PHRASES)))])
+    body = phrases[0]
+    for ph in phrases[1:]:
+      body += _JOINS[int(rng.integers(len(_JOINS)))] + ph
+    frame = _FRAMES[int(rng.integers(len(_FRAMES)))]
+    sentence = frame.format(body, s=_SIZES[int(rng.integers(len(_SIZES)))])
+    if rng.uniform() < 0.3:
+      sentence += " " + _FILLER_CLAUSES[int(rng.integers(len(_FILLER_CLAUSES)))]
+    out.append(sentence.replace(" ,", ","))
+    mentions.append(named)
+  return out, mentions
+
+
+def hard_text_statistics(num_classes: int = 20, num_examples: int = 2000, seed: int = 0,
+                         text_sentences: int = 4, text_noise: float = 0.1) -> dict:
+  """Measures how much the hard text says about the class, over train examples: the share of
+  examples whose described parts' true colours match one class only, the mean number of
+  classes they match (and the range of that number when one part is mentioned), the accuracy of
+  a text-only guess among them that knew the true colours (the mean of 1 / that number), and
+  the share of mentions that name a wrong colour."""
+  src = SyntheticSource("train", num_classes, num_examples, 32, seed, text="hard",
+                        text_sentences=text_sentences, text_noise=text_noise)
+  unique, candidates, best, wrong, total = 0, 0, 0.0, 0, 0
+  one_part = set()
+  for i in range(len(src)):
+    attrs = src.attributes[int(src.labels[i])]
+    _, mentions = hard_text(src.seed, src._split_code, i, text_sentences, text_noise, attrs)
+    parts = sorted({p for m in mentions for p, _ in m})
+    n = sum(all(a[p] == attrs[p] for p in parts) for a in src.attributes)
+    unique += n == 1
+    candidates += n
+    best += 1.0 / n
+    if len(parts) == 1:
+      one_part.add(n)
+    for m in mentions:
+      wrong += sum(c != attrs[p] for p, c in m)
+      total += len(m)
+  return {"examples": len(src), "classes": num_classes, "unique_share": unique / len(src),
+          "mean_candidates": candidates / len(src), "text_only_accuracy": best / len(src),
+          "one_part_candidates": sorted(one_part), "wrong_colour_rate": wrong / max(total, 1),
+          "mentions": total}
+
+
 _CACHES: dict[tuple, dict] = {}  # (seed, split, classes, size, variant) -> {index: example}
 
 
 class SyntheticSource(Source):
   """`get_source("synthetic", split, num_classes=20, num_examples=None, image_size=224, seed=0,
-  part_scale=1.0, decoys=True)`.
+  part_scale=1.0, decoys=True, text="plain", text_sentences=4, text_noise=0.1)`.
 
   num_examples defaults to 50 per class for train and 20 per class for val/test. Labels cycle
   through the classes (example i has label i % num_classes, so every class is balanced); the
@@ -344,12 +450,20 @@ class SyntheticSource(Source):
   `part_scale` (0.25-8) multiplies the area of every part and decoy; `decoys=False` draws no
   decoys. The demo uses `part_scale=4, decoys=False` (see the module docstring): a variant a
   small ViT trained from scratch learns in minutes, and colour statistics partly solve.
+
+  `text="plain"` (default): the record's "text" is the one sentence naming all three parts'
+  colours (a str; `texts(i)` = [it], which renders the example). `text="hard"`: a list of
+  `text_sentences` sentences that mention one or two of the parts, each mention with a wrong
+  colour with probability `text_noise` (module docstring); `texts(i)` renders nothing, and
+  the images are those of the plain variant.
   """
   box_shapes: dict = {}
+  has_text = True
 
   def __init__(self, split: str = "train", num_classes: int = 20, num_examples: int | None = None,
                image_size: int = 224, seed: int = 0, cache: bool = False,
-               part_scale: float = 1.0, decoys: bool = True):
+               part_scale: float = 1.0, decoys: bool = True, text: str = "plain",
+               text_sentences: int = 4, text_noise: float = 0.1):
     if split not in ("train", "val", "test"):
       raise ValueError(f"synthetic: unknown split {split!r}; use train, val or test")
     if int(image_size) < 32:
@@ -358,6 +472,16 @@ class SyntheticSource(Source):
       raise ValueError(f"synthetic: part_scale must be in [0.25, 8], got {part_scale}")
     if not isinstance(decoys, (bool, np.bool_)):
       raise ValueError(f"synthetic: decoys must be True or False, got {decoys!r}")
+    if text not in ("plain", "hard"):
+      raise ValueError(f"synthetic: text must be 'plain' or 'hard', got {text!r}")
+    if isinstance(text_sentences, bool) or not isinstance(text_sentences, (int, np.integer)) \
+        or not 1 <= int(text_sentences) <= 50:
+      raise ValueError(f"synthetic: text_sentences must be an integer in [1, 50], got "
+                       f"{text_sentences!r}")
+    if not 0.0 <= float(text_noise) <= 1.0:
+      raise ValueError(f"synthetic: text_noise must be in [0, 1], got {text_noise!r}")
+    self.text_variant, self.text_sentences = text, int(text_sentences)
+    self.text_noise = float(text_noise)
     self.name, self.split = "synthetic", split
     self.part_scale, self.decoys = float(part_scale), bool(decoys)
     self.attributes = class_attributes(int(num_classes))
@@ -388,8 +512,19 @@ class SyntheticSource(Source):
       ex = self._cache.get(i)
       if ex is None:
         ex = self._cache[i] = self._render(i)
-      return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in ex.items()}
-    return self._render(i)
+      ex = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in ex.items()}
+    else:
+      ex = self._render(i)
+    if self.text_variant == "hard":
+      ex["text"] = self.texts(i)
+    return ex
+
+  def texts(self, i: int) -> list[str]:
+    if self.text_variant == "plain":
+      return [self.example(int(i))["text"]]
+    label = int(self.labels[i])
+    return hard_text(self.seed, self._split_code, int(i), self.text_sentences, self.text_noise,
+                     self.attributes[label])[0]
 
   def _render(self, i: int) -> dict:
     rng = np.random.default_rng([self.seed, self._split_code, int(i)])
@@ -481,6 +616,11 @@ if __name__ == "__main__":
   parser.add_argument("--l2", type=float, default=1e-3)
   parser.add_argument("--part-scale", type=float, default=1.0)
   parser.add_argument("--no-decoys", action="store_true")
+  parser.add_argument("--text-stats", action="store_true",
+                      help="measure the hard text variant instead (--classes, --train)")
   a = parser.parse_args()
+  if a.text_stats:
+    print(hard_text_statistics(a.classes, a.train))
+    raise SystemExit(0)
   print(global_baselines(a.classes, a.train, a.test, a.size, l2=a.l2, part_scale=a.part_scale,
                          decoys=not a.no_decoys))

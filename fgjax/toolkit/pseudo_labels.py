@@ -240,6 +240,7 @@ class PseudoLabelSource(Source):
     self.class_names = list(train.class_names)
     self.box_shapes = train.box_shapes
     self.part_names, self.part_flip = train.part_names, train.part_flip
+    self.has_text = bool(getattr(train, "has_text", False))  # pseudo rows: their split's text
     self.pseudo = list(labels)
     self.id_start = int(id_start)
     self.transductive_images = 0  # how many rows are test-split images (`add_to_train`)
@@ -277,6 +278,15 @@ class PseudoLabelSource(Source):
   def is_pseudo(self, i: int) -> bool:
     return int(i) >= len(self.train)
 
+  def texts(self, i):
+    """Example i's sentences: the train source's, a `split:` row's from its split, [] for an
+    image file (no description)."""
+    i = int(i)
+    if i < len(self.train):
+      return self.train.texts(i)
+    src, k = self._refs[i - len(self.train)]
+    return src.texts(k) if k is not None and getattr(src, "has_text", False) else []
+
   def get(self, i, min_size=None, decoder="opencv"):
     i = int(i)
     if i < len(self.train):
@@ -291,8 +301,13 @@ class PseudoLabelSource(Source):
       except FileNotFoundError:
         raise BadImageError(f"pseudo-labelled image missing: {src} (example id "
                             f"{int(self.ids[i])})") from None
+      if self.has_text:
+        rec["text"] = []
       return img, rec
-    img, _ = src.get(k, min_size, decoder)  # the split's boxes and parts are not carried
+    img, got = src.get(k, min_size, decoder)  # the split's boxes and parts are not carried
+    if self.has_text:
+      t = got.get("text", []) if getattr(src, "has_text", False) else []
+      rec["text"] = [t] if isinstance(t, str) else list(t)
     return img, rec
 
 
