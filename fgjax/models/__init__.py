@@ -12,7 +12,7 @@ from typing import Callable
 
 import flax.linen as nn
 
-from fgjax.models import cal, cnn, pmg, racnn, regnet, resnet, vgg, vit
+from fgjax.models import cal, cnn, pma, pmg, racnn, regnet, resnet, vgg, vit
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -250,6 +250,38 @@ def _racnn_cnn_small(num_classes: int, img_size=96, dtype=None, **kw):
 @register("cnn_small")
 def _cnn_small(num_classes: int, img_size=64, **kw):
   return cnn.SmallCNN(num_classes=num_classes, img_size=img_size, **kw)
+
+
+def _pma(num_classes, img_size, backbone, dt, kw):
+  """PMA (spec section 7) on `backbone` (num_classes=0; its last stage map is X); `kw` (the
+  PMA fields: vocab_size, modality, embed_dim, hidden_dim, ...) goes to `pma.PMA`."""
+  return pma.PMA(num_classes=num_classes, backbone=backbone, img_size=img_size, **dt, **kw)
+
+
+@register("pma_vgg16")
+def _pma_vgg16(num_classes: int, img_size=448, dtype=None, batch_norm=False, **kw):
+  """PMA on VGG-16's conv5_3 (before pool5: 28 x 28 at 448 -> 14 x 14 blocks), as the paper."""
+  dt = {} if dtype is None else {"dtype": dtype}
+  backbone = vgg.VGG(num_classes=0, depth=16, batch_norm=batch_norm, img_size=img_size, **dt)
+  return _pma(num_classes, img_size, backbone, dt, kw)
+
+
+@register("pma_resnet50")
+def _pma_resnet50(num_classes: int, img_size=448, dtype=None, attn=None, **kw):
+  """PMA on ResNet-50's layer4 (14 x 14 at 448 -> 7 x 7 blocks); `attn` goes to the ResNet."""
+  backbone, dt = _resnet_backbone(50, img_size, dtype, attn=attn)
+  return _pma(num_classes, img_size, backbone, dt, kw)
+
+
+@register("pma_cnn_small")
+def _pma_cnn_small(num_classes: int, img_size=96, dtype=None, widths=(16, 32, 64, 128),
+                   convs_per_stage=1, stem_stride=2, **kw):
+  """PMA on `cnn_small`'s last stage (CPU-sized: 6 x 6 map at 96 -> 3 x 3 blocks), with small
+  text and stage widths by default: embed_dim 32, hidden_dim 64, qrm_dim 64, stage_dim 64."""
+  backbone, dt = _small_cnn_backbone(img_size, dtype, widths, convs_per_stage, stem_stride)
+  for key, value in (("embed_dim", 32), ("hidden_dim", 64), ("qrm_dim", 64), ("stage_dim", 64)):
+    kw.setdefault(key, value)
+  return _pma(num_classes, img_size, backbone, dt, kw)
 
 
 def available() -> list[str]:
