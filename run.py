@@ -12,6 +12,8 @@ r"""fgjax command line: train, evaluate, predict, visualise and export teacher p
   python run.py --mode=eval --workdir=W --tta=flip    # TTA; also per_class.csv, confusion.png
   python run.py --mode=visualize --workdir=runs/trs_deit_cub img1.jpg   # rollout + patches PNG
   python run.py --mode=export_teacher --workdir=runs/cal_cub     # teacher_predictions.npz
+  python run.py --mode=predict --workdir=runs/pma_cub bird.jpg --text="a bird with a red crown"
+  python run.py --mode=eval --workdir=runs/pma_cub --without_text # a text model, images alone
   python run.py --mode=pseudo_label --workdir=W --images=DIR     # W/pseudo_labels.csv
 
 Multi-host: `--coordinator_address=host:port --num_processes=N --process_id=i` (or the
@@ -59,6 +61,12 @@ _THRESHOLD = flags.DEFINE_float("threshold", None, "pseudo_label: keep predictio
 _MAX_PER_CLASS = flags.DEFINE_integer("max_per_class", None, "pseudo_label: at most this many "
                                       "images per predicted class (default: config "
                                       "pseudo_label.max_per_class, 0: no cap).")
+_TEXT = flags.DEFINE_string("text", None, "predict/visualize of a run that reads text (PMA): "
+                            "the description of every image given (default: the .txt beside "
+                            "each image, else none: image-only).")
+_WITHOUT_TEXT = flags.DEFINE_bool("without_text", False, "eval/predict/visualize/export_teacher/"
+                                  "pseudo_label of a run that reads text: the images alone "
+                                  "(every phrase masked).")
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show full tracebacks for input errors.")
 _COORD = flags.DEFINE_string("coordinator_address", None, "Multi-host coordinator host:port.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
@@ -180,13 +188,15 @@ def main(argv):
                         required=False)
     elif _MODE.value == "eval":
       modes.evaluate_checkpoint(workdir, config, which=_CHECKPOINT.value, tta=_TTA.value,
-                                output=_OUTPUT.value)
+                                output=_OUTPUT.value, without_text=_WITHOUT_TEXT.value)
     elif _MODE.value == "predict":
       modes.predict(workdir, images, which=_CHECKPOINT.value, images=_IMAGES.value,
-                    output=_OUTPUT.value, csv_top_k=_TOP_K.value, tta=_TTA.value)
+                    output=_OUTPUT.value, csv_top_k=_TOP_K.value, tta=_TTA.value,
+                    text=_TEXT.value, without_text=_WITHOUT_TEXT.value)
     elif _MODE.value == "visualize":
       modes.visualize(workdir, images, output=_OUTPUT.value, which=_CHECKPOINT.value,
-                      config=config, num_images=_NUM_IMAGES.value)
+                      config=config, num_images=_NUM_IMAGES.value, text=_TEXT.value,
+                      without_text=_WITHOUT_TEXT.value)
     elif _MODE.value == "pseudo_label":
       if _IMAGES.value:  # the folder or list file, and any image files after the flags
         from fgjax.toolkit import submission
@@ -194,10 +204,10 @@ def main(argv):
       modes.pseudo_label(workdir, images=list(images) or None, split=_SPLIT.value,
                          output=_OUTPUT.value, which=_CHECKPOINT.value, config=config,
                          threshold=_THRESHOLD.value, max_per_class=_MAX_PER_CLASS.value,
-                         tta=_TTA.value)
+                         tta=_TTA.value, without_text=_WITHOUT_TEXT.value)
     elif _MODE.value == "export_teacher":
       modes.export_teacher(workdir, output=_OUTPUT.value, which=_CHECKPOINT.value,
-                           config=config)
+                           config=config, without_text=_WITHOUT_TEXT.value)
   except run_errors as e:
     if _TRACEBACK.value:
       raise

@@ -44,6 +44,16 @@ def base_config(method: str = "classifier") -> ml_collections.ConfigDict:
       backend="opencv", draft_decode=True, worker_count=0, prefetch=2,
       skip_bad_images=False, source_kwargs={}, split_kwargs={},
       pseudo_labels="",  # a pseudo-label CSV (fgjax.toolkit.pseudo_labels): its images join train
+      # Text (docs/text.md): with text.enabled batches carry each example's noun phrases
+      # (phrases x words ids + a mask). text_dir: CUB's text_c10/ (Reed et al. 2016; default:
+      # text_c10 in or beside the CUB folder; other datasets: a .txt beside each image);
+      # allow_missing_text: an image without a description gets an empty, fully masked text.
+      # train_sentences "sample" (one per step) | "concat"; eval_sentences "all" | "first";
+      # vocab: another run's vocab.txt (default: built from the training texts, saved in the
+      # workdir).
+      text_dir="", allow_missing_text=False,
+      text=dict(enabled=False, max_phrases=16, max_words=6, train_sentences="sample",
+                eval_sentences="all", min_count=1, vocab=""),
       augment=dict(flip=True, sharpness=0.0, randaugment=None, autoaugment=False,
                    color_jitter=(0.0, 0.0, 0.0), crop_padding=0)))
   c.batch_size = 64

@@ -37,9 +37,13 @@ class TeacherError(ValueError):
 
 
 def save_predictions(path: str, ids: np.ndarray, logits: np.ndarray, meta: dict):
-  """Writes teacher predictions (one row per training example id) atomically."""
+  """Writes teacher predictions (one row per training example id: `logits` and their softmax
+  `probabilities`, the soft targets of `distill`) atomically."""
   tmp = path + ".tmp.npz"
-  np.savez(tmp, ids=np.asarray(ids, np.int64), logits=np.asarray(logits, np.float32),
+  logits = np.asarray(logits, np.float32)
+  z = logits - logits.max(-1, keepdims=True)
+  probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+  np.savez(tmp, ids=np.asarray(ids, np.int64), logits=logits, probabilities=probs,
            meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
   os.replace(tmp, path)
 

@@ -35,6 +35,11 @@ Batches are dicts of numpy arrays (L = global_batch_size / process count):
   part_locs   float32 (L, P, 3) x, y, visible in output pixels, when the source has part
               locations (CUB's `parts/part_locs.txt`): a part the crop left out, or not
               visible, is (-1, -1, 0); a flip also swaps left and right parts' rows
+  phrases     int32 (L, P, W), with a text encoder (`text=`, `fgjax.text.TextEncoder`): the
+              word ids of each example's noun phrases (0 = padding), from its record's "text"
+              (one sentence or a list: training samples one with the example's own rng, or
+              concatenates them; evaluation takes all or the first, per the encoder)
+  phrase_mask bool (L, P): the real phrases (all False: no text, the missing-modality case)
   mask        bool (L,), eval only
 A loader's `element_spec` gives the fields of its global batch as ShapeDtypeStructs
 (`batch_spec`), and `normalize` the normalisation its images are meant for.
@@ -44,7 +49,8 @@ Decoding and transforms: `backend` "opencv" (default) or "pil" decodes the files
 (`fgjax.data.transforms`: each op within one level of uint8 of PIL's); `draft=True` decodes
 JPEGs at the smallest DCT scale whose shorter side is still >= resize_size, an image close to
 the full decode's resize, not equal to it (`fgjax.data.images`).
-Text and file names stay out of batches. `to_global_batch` assembles global `jax.Array`s with
+Raw text and file names stay out of batches (text enters as `phrases` / `phrase_mask`).
+`to_global_batch` assembles global `jax.Array`s with
 `jax.make_array_from_process_local_data`.
 """
 from __future__ import annotations
@@ -63,10 +69,11 @@ from fgjax.data.base import Source
 
 BOX_KEYS = ("object_box", "part_boxes", "part_locs")
 _AUGMENT_STREAM = 0x5EED  # separates the augmentation rngs from other uses of the seed
+_TEXT_STREAM = 0x7E47  # the sentence sampling of text (images keep their augmentation rngs)
 
 
 def _fields(image_size: int, num_parts: int | None, host_normalize: bool = False,
-            num_part_locs: int | None = None) -> dict:
+            num_part_locs: int | None = None, text_shape: tuple[int, int] | None = None) -> dict:
   """{field: (per-example shape, dtype)} of a batch (see the module docstring)."""
   s = int(image_size)
   out = {"image": ((s, s, 3), np.float32 if host_normalize else np.uint8),
@@ -76,17 +83,23 @@ def _fields(image_size: int, num_parts: int | None, host_normalize: bool = False
     out["part_boxes"] = ((int(num_parts), 4), np.float32)
   if num_part_locs is not None:
     out["part_locs"] = ((int(num_part_locs), 3), np.float32)
+  if text_shape is not None:
+    p, w = (int(v) for v in text_shape)
+    out["phrases"] = ((p, w), np.int32)
+    out["phrase_mask"] = ((p,), np.bool_)
   return out
 
 
 def batch_spec(image_size: int, num_parts: int | None = None, batch_size: int = 1,
                eval: bool = False, host_normalize: bool = False,
-               num_part_locs: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+               num_part_locs: int | None = None,
+               text_shape: tuple[int, int] | None = None) -> dict[str, jax.ShapeDtypeStruct]:
   """The fields of a global batch as ShapeDtypeStructs (a loader's `element_spec`); with
-  `eval` the `mask` too. Models are initialised from an example of it."""
+  `eval` the `mask` too; with `text_shape` (max phrases, max words) the text fields. Models
+  are initialised from an example of it."""
   out = {k: jax.ShapeDtypeStruct((int(batch_size),) + shape, dtype)
          for k, (shape, dtype) in _fields(image_size, num_parts, host_normalize,
-                                          num_part_locs).items()}
+                                          num_part_locs, text_shape).items()}
   if eval:
     out["mask"] = jax.ShapeDtypeStruct((int(batch_size),), np.bool_)
   return out
@@ -135,9 +148,11 @@ class _BatchBuilder:
 
   def __init__(self, source: Source, image_size: int, resize_size: int, resize_mode: str,
                normalize: str, num_parts: int | None, interpolation: str = "bilinear",
-               backend: str = "opencv", draft: bool = True, host_normalize: bool = False):
+               backend: str = "opencv", draft: bool = True, host_normalize: bool = False,
+               text=None):
     transforms.resample_filter(interpolation)  # validates the name
     self.source = source
+    self.text = text  # a fgjax.text.TextEncoder, or None: no text fields
     self.image_size, self.resize_size, self.resize_mode = image_size, resize_size, resize_mode
     self.interpolation = interpolation
     self.normalizer = transforms.Normalizer(normalize)  # validates the kind
@@ -152,14 +167,24 @@ class _BatchBuilder:
   def _boxes_in(self, rec) -> dict:
     return {k: rec[k] for k in BOX_KEYS if rec.get(k) is not None}
 
+  @property
+  def text_shape(self) -> tuple[int, int] | None:
+    return None if self.text is None else (self.text.max_phrases, self.text.max_words)
+
   def _alloc(self, n: int) -> dict:
     return {k: np.empty((n,) + shape, dtype)
             for k, (shape, dtype) in _fields(self.image_size, self.num_parts,
-                                             self.host_normalize, self.num_part_locs).items()}
+                                             self.host_normalize, self.num_part_locs,
+                                             self.text_shape).items()}
 
   def spec(self, global_batch_size: int, eval: bool = False) -> dict:
     return batch_spec(self.image_size, self.num_parts, global_batch_size, eval,
-                      self.host_normalize, self.num_part_locs)
+                      self.host_normalize, self.num_part_locs, self.text_shape)
+
+  def _fill_text(self, out: dict, k: int, rec: dict, rng=None):
+    if self.text is not None:
+      out["phrases"][k], out["phrase_mask"][k] = self.text.encode(
+          rec.get("text"), rng=rng, train=rng is not None)
 
   def _fill(self, out: dict, k: int, rec: dict, u8: np.ndarray, boxes: dict):
     if self.host_normalize:
@@ -188,9 +213,9 @@ class TrainBatch(_BatchBuilder):
   def __init__(self, source, image_size, resize_size, resize_mode, normalize, num_parts,
                interpolation, backend, draft, host_normalize, *, index: grain.MapDataset,
                seed: int, global_batch_size: int, shard_index: int, shard_count: int,
-               crop_boxes: np.ndarray | None = None, **augment):
+               crop_boxes: np.ndarray | None = None, text=None, **augment):
     super().__init__(source, image_size, resize_size, resize_mode, normalize, num_parts,
-                     interpolation, backend, draft, host_normalize)
+                     interpolation, backend, draft, host_normalize, text)
     self.index, self.seed = index, int(seed)
     self.global_batch_size = int(global_batch_size)
     self.shard_index, self.shard_count = int(shard_index), int(shard_count)
@@ -223,6 +248,8 @@ class TrainBatch(_BatchBuilder):
                                         boxes=self._boxes_in(rec), part_flip=self.part_flip,
                                         crop_box=crop_box, **self.augment)
       self._fill(out, k, rec, u8, boxes)
+      if self.text is not None:
+        self._fill_text(out, k, rec, np.random.default_rng((self.seed, _TEXT_STREAM, q)))
     return out
 
 
@@ -245,6 +272,7 @@ class EvalBatch(_BatchBuilder):
                                        backend=self.backend,
                                        boxes=self._boxes_in(rec))
       self._fill(out, k, rec, u8, boxes)
+      self._fill_text(out, k, rec)
       out["mask"][k] = real
     return out
 
@@ -376,6 +404,14 @@ def _check_sizes(source, global_batch_size, shard_count, image_size, resize_size
                      f"fit (config.data.resize_size)")
 
 
+def _check_text(source, text):
+  if text is not None and not source.has_text:
+    raise ValueError(f"config.data.text.enabled: {source!r} has no text (CUB reads its "
+                     f"descriptions from data.text_dir, a folder dataset a .txt beside each "
+                     f"image; docs/text.md)")
+  return text
+
+
 def check_crop_boxes(crop_boxes, num_examples: int) -> np.ndarray:
   """`crop_boxes` as float32 (N, 4) normalised x0, y0, x1, y1, one row per example; a clear
   error for another shape or a box outside [0, 1] or empty."""
@@ -403,7 +439,7 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
                       host_normalize: bool = False,
                       max_parts: int | None = None, worker_count: int = 0, prefetch: int = 2,
                       threads: int | None = None, shard_index: int | None = None,
-                      shard_count: int | None = None, crop_boxes=None) -> Loader:
+                      shard_count: int | None = None, crop_boxes=None, text=None) -> Loader:
   """Infinite, reshuffled, augmented per-process batches of global_batch_size / shard_count.
 
   Transform: resize (shorter side to `resize_size`, default image_size * 8 / 7; or the whole
@@ -420,7 +456,9 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
   `worker_count` > 0 builds batches in that many grain worker processes; `threads` threads per
   process (default min(4, cores)); `prefetch` batches buffered. `crop_boxes` (N, 4): each
   example is first cut to its normalised x0, y0, x1, y1 box (`transforms.crop_to_box`; the
-  attention-region crops), then transformed as above.
+  attention-region crops), then transformed as above. `text` (a `fgjax.text.TextEncoder`):
+  batches also hold each example's `phrases` / `phrase_mask` (module docstring); the source
+  must have text (`Source.has_text`).
   """
   shard_index, shard_count = _process_shard(shard_index, shard_count)
   image_size = int(image_size)
@@ -431,12 +469,13 @@ def make_train_loader(source: Source, *, global_batch_size: int, image_size: int
   ra_ops, ra_mag = _parse_randaugment(randaugment)
   if crop_boxes is not None:
     crop_boxes = check_crop_boxes(crop_boxes, len(source))
+  _check_text(source, text)
   index = grain.MapDataset.range(len(source)).seed(int(seed)).shuffle().repeat()
   fn = TrainBatch(source, image_size, resize_size, resize_mode, normalize,
                   _box_layout(source, max_parts), interpolation, backend, bool(draft),
                   bool(host_normalize), index=index, seed=int(seed),
                   global_batch_size=int(global_batch_size), shard_index=shard_index,
-                  shard_count=shard_count, crop_boxes=crop_boxes, flip=bool(flip),
+                  shard_count=shard_count, crop_boxes=crop_boxes, text=text, flip=bool(flip),
                   sharpness=float(sharpness or 0.0),
                   sharpness_p=float(sharpness_p), randaugment_ops=ra_ops,
                   randaugment_magnitude=ra_mag, autoaugment=bool(autoaugment),
@@ -454,11 +493,13 @@ def make_eval_loader(source: Source, *, global_batch_size: int, image_size: int,
                      draft: bool = True, host_normalize: bool = False,
                      max_parts: int | None = None, worker_count: int = 0, prefetch: int = 2,
                      threads: int | None = None, shard_index: int | None = None,
-                     shard_count: int | None = None, **unused_augment) -> EvalLoader:
+                     shard_count: int | None = None, text=None,
+                     **unused_augment) -> EvalLoader:
   """One ordered pass of resize + centre crop (uint8; normalised on the device as for
   `make_train_loader`), padded with a `mask` (module
   docstring). Augmentation arguments (flip, sharpness, ...) are accepted and ignored, so the
-  train and eval loaders can share a config. `len(loader)` is the number of batches."""
+  train and eval loaders can share a config. `len(loader)` is the number of batches. `text`:
+  the text fields as for `make_train_loader` (all sentences or the first, per the encoder)."""
   del unused_augment
   shard_index, shard_count = _process_shard(shard_index, shard_count)
   image_size = int(image_size)
@@ -472,7 +513,7 @@ def make_eval_loader(source: Source, *, global_batch_size: int, image_size: int,
                + np.arange(local)[None, :])
   fn = EvalBatch(source, image_size, resize_size, resize_mode, normalize,
                  _box_layout(source, max_parts), interpolation, backend, bool(draft),
-                 bool(host_normalize))
+                 bool(host_normalize), _check_text(source, text))
   ds = grain.MapDataset.source(list(positions.reshape(n_batches, local))).map(fn)
   return EvalLoader(_finish(ds, worker_count, prefetch, threads), n_batches,
                     element_spec=fn.spec(global_batch_size, eval=True), normalize=normalize)

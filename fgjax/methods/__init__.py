@@ -6,6 +6,8 @@
   pmg         PMG: progressive multi-granularity training (S + 1 updates per batch)
   cal         CAL: counterfactual attention learning on WS-DAN
   racnn       RA-CNN: three scales, attention proposal networks, alternating optimizers
+  pma         PMA: bi-modal progressive mask attention (image + noun phrases)
+  distill     an image-only student on a teacher's soft probabilities (PMA's distiller)
 
 `get_method(config, model, num_classes)` builds the method `config.method` names (a method
 defined elsewhere joins with `register(name, cls)`);
@@ -21,6 +23,8 @@ from fgjax.methods.base import (Context, Helper, HelperEnv, Method, OptimizerSpe
                                 Update)
 from fgjax.methods.cal import CAL
 from fgjax.methods.classifier import Classifier
+from fgjax.methods.distill import Distill
+from fgjax.methods.pma import PMA
 from fgjax.methods.pmg import PMG
 from fgjax.methods.racnn import RACNN
 from fgjax.methods.regions import part_hits, point_hits
@@ -29,7 +33,7 @@ from fgjax.methods.trs_deit import TRSDeiT
 
 METHODS: dict[str, type[Method]] = {"classifier": Classifier, "trs_deit": TRSDeiT,
                                     "transfg": TransFG, "pmg": PMG, "cal": CAL,
-                                    "racnn": RACNN}
+                                    "racnn": RACNN, "pma": PMA, "distill": Distill}
 
 
 def register(name: str, cls: type[Method]) -> type[Method]:
@@ -75,6 +79,6 @@ def get_method(config, model, num_classes) -> Method:
   return cls(config, model, num_classes)
 
 
-__all__ = ["CAL", "Classifier", "Context", "Helper", "HelperEnv", "METHODS", "Method",
-           "OptimizerSpec", "PMG", "Phase", "RACNN", "TRSDeiT", "TransFG", "Update", "get_method",
+__all__ = ["CAL", "Classifier", "Context", "Distill", "Helper", "HelperEnv", "METHODS", "Method",
+           "OptimizerSpec", "PMA", "PMG", "Phase", "RACNN", "TRSDeiT", "TransFG", "Update", "get_method",
            "import_path", "method_class", "part_hits", "point_hits", "register", "sections"]

@@ -15,7 +15,10 @@ Config
 
 Inputs
   A batch is a dict of arrays named by the data source: "image", "label", "id", "object_box",
-  ["part_boxes"], "mask" in evaluation (and, as sources grow, text tokens and their masks).
+  ["part_boxes"], ["part_locs"], "mask" in evaluation, and with `config.data.text.enabled`
+  "phrases" (B, P, W) int32 word ids and "phrase_mask" (B, P) bool (`fgjax.text`; the encoder is
+  `method.text`). `reads_text = True` declares a model that reads them: it is built with the
+  run's `vocab_size`.
   `model_inputs(batch)` -> the positional arguments the model reads from it (default: the
   image). `init_variables(rng, example)` initialises the model from an example batch built from
   the loader's own element spec (`fgjax.data.Loader.element_spec`), never from a zeros image
@@ -59,9 +62,10 @@ Evaluation
   into the method's own metrics (e.g. the part-hit rate of the ViT methods).
 
 Visualisation
-  `draws` says whether the method draws anything; `render(variables, images, normalize)` -> a
-  list of PIL images, one per input image (e.g. the selected patches and the rollout heat-map),
-  saved as `<image>_<picture>.png`.
+  `draws` says whether the method draws anything; `render(variables, images, normalize,
+  text_inputs=None)` -> a list of PIL images, one per input image (e.g. the selected patches and
+  the rollout heat-map), saved as `<image>_<picture>.png`; `text_inputs` are the images'
+  "phrases" / "phrase_mask" when the run reads text (PMA lists the phrases' weights).
 
 Pretrained weights
   `load_pretrained(path, dont_load)` -> {part: variables} (default: `fgjax.convert.load_parts`
@@ -138,6 +142,7 @@ class HelperEnv:
   workdir: str
   restore: Callable[..., Any]
   train: Callable[..., Any] | None = None
+  text: Any = None  # the run's text encoder (fgjax.text.TextEncoder), or None
 
 
 class HelperStopped(RuntimeError):
@@ -266,12 +271,19 @@ class Method:
   name = "base"
   sections: Mapping[str, Mapping[str, Any]] = {}
 
+  # Whether the model reads text: the set-up then sizes it to the run's vocabulary
+  # (`vocab_size=`). Batches carry text whenever `config.data.text.enabled` is on.
+  reads_text: bool = False
+
   def __init__(self, config, model, num_classes: int):
     self.config = config
     self.model = model
     self.num_classes = num_classes
     self.label_smoothing = float(config.get("label_smoothing", 0.0))
     self.regions = Regions.of(model)
+    # The run's text encoder (`fgjax.text.TextEncoder`; set by `fgjax.train.setup.build`), or
+    # None: batches then hold no phrase fields.
+    self.text = None
 
   picture = "regions"  # file-name suffix of what `render` draws (`<image>_regions.png`)
 
@@ -333,7 +345,9 @@ class Method:
     return self.regions.summarize(values) if self.regions is not None else {}
 
   # ------------------------------------------------------------------ visualisation
-  def render(self, variables, images: np.ndarray, normalize: str) -> list:
+  def render(self, variables, images: np.ndarray, normalize: str,
+             text_inputs=None) -> list:
+    del text_inputs  # the phrase fields of the images (a method that reads text lists them)
     if self.regions is None:
       raise ValueError(f"config.method={self.name!r} with {type(self.model).__name__} draws "
                        f"nothing: visualize draws the region selection of ViT-family models")

@@ -112,7 +112,7 @@ class CAL(Method):
   def draws(self) -> bool:
     return True
 
-  def render(self, variables, images, normalize):
+  def render(self, variables, images, normalize, text_inputs=None):
     """[image with the evaluation crop box | mean attention map] per image."""
     from fgjax.methods import drawing
     fn = jax.jit(lambda v, x: self.model.apply(v, x, train=False)[1])

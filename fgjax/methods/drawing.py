@@ -66,3 +66,37 @@ def render_attention(image_u8: np.ndarray, maps: np.ndarray, box=None) -> Image.
     ImageDraw.Draw(left).rectangle([x0, y0, x1 - 1, y1 - 1], outline=(255, 40, 40),
                                    width=max(1, image_u8.shape[1] // 150))
   return side_by_side(left, Image.fromarray(overlay))
+
+
+STAGE_COLOURS = ((255, 40, 40), (255, 200, 0), (40, 200, 255), (120, 255, 80))
+
+
+def render_blocks(image_u8: np.ndarray, boxes, lines) -> Image.Image:
+  """[image with each box (x0, y0, x1, y1 pixels) outlined and numbered 1, 2, ... | the text
+  `lines` listed beside it] (PMA's located blocks and the phrases' weights)."""
+  img = Image.fromarray(image_u8).convert("RGB")
+  w, h = img.size
+  scale = max(1, 256 // max(w, h))  # small inputs are drawn larger, so the numbers read
+  if scale > 1:
+    img = img.resize((w * scale, h * scale), Image.NEAREST)
+  draw = ImageDraw.Draw(img)
+  width = max(1, img.size[0] // 120)
+  for k, box in enumerate(np.asarray(boxes, np.float64)):
+    colour = STAGE_COLOURS[k % len(STAGE_COLOURS)]
+    x0, y0, x1, y1 = (float(v) * scale for v in box)
+    draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=width)
+    draw.rectangle([x0, y0, x0 + 9, y0 + 11], fill=colour)
+    draw.text((x0 + 2, y0), str(k + 1), fill=(0, 0, 0))
+  line_h = 14
+  panel_w = max(240, 7 * max((len(s) for s in lines), default=0) + 8)
+  panel = Image.new("RGB", (panel_w, max(img.size[1], line_h * len(lines) + 8)),
+                    (255, 255, 255))
+  pdraw = ImageDraw.Draw(panel)
+  for j, s in enumerate(lines):
+    colour = STAGE_COLOURS[j] if s.startswith("stage") and j < len(STAGE_COLOURS) else (0, 0, 0)
+    pdraw.text((4, 4 + j * line_h), s, fill=tuple(int(c * 0.7) for c in colour))
+  canvas = Image.new("RGB", (img.size[0] + 4 + panel.size[0], max(img.size[1], panel.size[1])),
+                     (255, 255, 255))
+  canvas.paste(img, (0, 0))
+  canvas.paste(panel, (img.size[0] + 4, 0))
+  return canvas

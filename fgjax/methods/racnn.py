@@ -281,7 +281,7 @@ class RACNN(Method):
   def draws(self) -> bool:
     return True
 
-  def render(self, variables, images, normalize):
+  def render(self, variables, images, normalize, text_inputs=None):
     """[image with the scale-2 (red) and scale-3 (yellow) squares | the scale-3 input]."""
     from PIL import Image, ImageDraw
 

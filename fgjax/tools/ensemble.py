@@ -253,7 +253,7 @@ def source_embeddings(member: Member, source) -> dict[str, np.ndarray]:
     return {"embedding": embed(v, batch), "id": batch["id"], "mask": batch["mask"]}
 
   parts = []
-  for batch in setup.make_eval_iter(member.config, source):
+  for batch in setup.make_eval_iter(member.config, source, text=member.method.text):
     res = fn(member.variables, fgdata.to_global_batch(batch, member.mesh))
     parts.append(jax.tree.map(np.asarray, multihost_utils.process_allgather(res, tiled=True)))
   if not parts:
@@ -424,7 +424,7 @@ def predict_scores(members, paths, weights=None, on: str = "logits",
   similarities to the centroids fitted on the members' train-split embeddings
   (`on="embeddings"`). A file that cannot be read raises, or with `skip_bad` is named in a
   warning and left out (the first member reads every file; the others read those it kept)."""
-  from fgjax.train import evaluation
+  from fgjax.train import evaluation, modes
   if on not in MODES:
     raise EnsembleError(f"--on={on!r}: choose one of {', '.join(MODES)}")
   w = normalize_weights(weights, len(members))
@@ -434,7 +434,8 @@ def predict_scores(members, paths, weights=None, on: str = "logits",
     for k, m in enumerate(members):
       read, logits = evaluation.predict_files(m.config, m.method, m.variables, kept, m.mesh,
                                               tta=m.tta, progress=len(kept) > 100,
-                                              skip_bad=skip_bad and k == 0)
+                                              skip_bad=skip_bad and k == 0,
+                                              texts=modes.texts_for(m.method, kept))
       kept = list(read)
       probs.append(softmax(logits))
     return kept, weighted_probabilities(probs, w)

@@ -119,7 +119,8 @@ def predict_batches(method, variables, batches: Iterator, mesh,
 def predict_source(config, method, variables, source, mesh,
                    tta: str | None = None) -> dict[str, np.ndarray]:
   """`predict_batches` over one ordered pass of `source` with the run's eval transform."""
-  return predict_batches(method, variables, iter(make_eval_iter(config, source)), mesh, tta)
+  return predict_batches(method, variables,
+                         iter(make_eval_iter(config, source, text=method.text)), mesh, tta)
 
 
 def _image_kwargs(config) -> tuple[dict, int | None]:
@@ -156,13 +157,27 @@ def _load_or_skip(path, kw, min_size):
   return None
 
 
+def text_fields(method, texts) -> dict:
+  """{"phrases", "phrase_mask"} of `texts` (one str, list of sentences or None per image)
+  through the method's text encoder (evaluation's sentence choice); {} when the run reads no
+  text."""
+  if method.text is None:
+    return {}
+  rows = [method.text.encode(t) for t in texts]
+  return {"phrases": np.stack([r[0] for r in rows]),
+          "phrase_mask": np.stack([r[1] for r in rows])}
+
+
 def predict_files(config, method, variables, paths, mesh, batch_size: int | None = None,
-                  tta: str | None = None, progress: bool = False, skip_bad: bool = True):
+                  tta: str | None = None, progress: bool = False, skip_bad: bool = True,
+                  texts=None):
   """(paths read, (N, C) "logits" head) for image files, each decoded once, in batches of
   `eval_batch_size` padded to the device count and sharded over every device (one process:
   every image is read by this one). A file that cannot be read is skipped with a warning
   (`skip_bad=False`: the error is raised). `progress`: a progress bar on stderr
-  (`fgjax.train.logs.ProgressBar`). With a TTA preset the rows are log mean probabilities."""
+  (`fgjax.train.logs.ProgressBar`). With a TTA preset the rows are log mean probabilities.
+  `texts` (one per path: a sentence, a list of sentences or None) go with the images when the
+  run reads text (`method.text`); without them every image gets an empty text."""
   n_dev = mesh.devices.size
   bs = int(batch_size or config.get("eval_batch_size", config.batch_size))
   bs = max(n_dev, -(-bs // n_dev) * n_dev)
@@ -176,6 +191,7 @@ def predict_files(config, method, variables, paths, mesh, batch_size: int | None
     bar = logs.ProgressBar(len(paths), desc="predict")
   n_batches = -(-len(paths) // bs)
   kept, out = [], []
+  text_of = dict(zip(map(str, paths), texts)) if texts is not None else {}
   for b, start in enumerate(range(0, len(paths), bs)):
     chunk = list(paths[start:start + bs])
     if skip_bad:
@@ -185,10 +201,12 @@ def predict_files(config, method, variables, paths, mesh, batch_size: int | None
       loaded = [(p, _load_one(p, kw, min_size)) for p in chunk]
     if loaded:
       x = np.stack([a for _, a in loaded])
+      fields = {"image": x, **text_fields(method, [text_of.get(str(p)) for p, _ in loaded])}
       pad = -len(x) % n_dev
       if pad:
-        x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
-      batch = jax.device_put({"image": x}, sharding.batch_sharding(mesh))
+        fields = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)])
+                  for k, v in fields.items()}
+      batch = jax.device_put(fields, sharding.batch_sharding(mesh))
       out.append(np.asarray(fn(variables, batch))[:len(loaded)])
       kept.extend(p for p, _ in loaded)
     if bar is not None:

@@ -4,6 +4,12 @@ Each restores the model of a workdir (best validation checkpoint when the run ha
 the last; `which="last"` forces the last) from its saved `config.json`, through the set-up's
 `restore_model`; none of them imports the training loop.
 
+A run that reads text (`data.text.enabled`, PMA) uses its saved vocabulary (`vocab.txt`):
+eval and export_teacher read the split's descriptions, predict and visualize take `text=`
+(one description for every image) or a `.txt` beside each image, and `without_text=True`
+(run.py `--without_text`) runs the model on images alone (every phrase masked, the
+missing-modality case).
+
 Eval and predict run under the test-time augmentation preset (`fgjax.toolkit.tta`) of the
 `tta` argument (run.py `--tta`), else of a config given on the command line
 (`config.eval.tta`), else of the run's own config. Eval also writes the error analysis
@@ -29,10 +35,15 @@ from fgjax.train import evaluation, setup, sharding
 log = logging.getLogger("fgjax")
 
 
-def _restore(workdir, which, config=None, tta=None):
+def _restore(workdir, which, config=None, tta=None, without_text=False):
   if tta is not None:
     tta_lib.check_preset(tta)
   cfg, model, method, variables, info = setup.restore_model(workdir, prefer=which)
+  if without_text and method.text is not None:
+    method.text = None  # batches without phrases: the image-only mode
+    with cfg.unlocked():
+      cfg.data.text.enabled = False  # the sources need no description files either
+    log.info("without text: %s runs on the images alone", cfg.model.name)
   with cfg.unlocked():
     if config is not None:  # a config given on the command line overrides data, eval settings
       cfg.data = config.data
@@ -49,20 +60,23 @@ def _restore(workdir, which, config=None, tta=None):
 
 
 def evaluate_checkpoint(workdir: str, config=None, which: str = "best", tta: str | None = None,
-                        output: str | None = None) -> dict:
+                        output: str | None = None, without_text: bool = False) -> dict:
   """Evaluates a checkpoint on the test split under the TTA preset (module docstring); writes
   `eval_metrics.json` (with "tta": the preset) in the workdir and the error analysis of the
   "logits" head (per_class.csv, confused_pairs.csv, confusion.png) in `output` (a directory;
   default the workdir)."""
-  cfg, model, method, variables, info = _restore(workdir, which, config, tta)
+  cfg, model, method, variables, info = _restore(workdir, which, config, tta, without_text)
   preset = tta_lib.preset_of(cfg)
   mesh = sharding.make_mesh(cfg)
   test_src = setup.get_test_source(cfg)
   eval_step = jax.jit(evaluation.make_eval_step(method, preset))
   results = evaluation.eval_results(eval_step, variables,
-                                    iter(setup.make_eval_iter(cfg, test_src)), mesh)
+                                    iter(setup.make_eval_iter(cfg, test_src, text=method.text)),
+                                    mesh)
   metrics = evaluation.summarize_eval(results, model.num_classes, method)
   metrics.update({"tta": preset, "checkpoint": info["checkpoint"], "step": info["step"]})
+  if method.reads_text:
+    metrics["text"] = "with" if method.text is not None else "without"
   print(json.dumps({"test": metrics}, indent=2))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
@@ -104,16 +118,43 @@ def readable_images(paths) -> list[str]:
 PRINT_AT_MOST = 20  # predict prints each image's top-k when it writes no CSV or few rows
 
 
+def texts_for(method, paths, text: str | None = None) -> list | None:
+  """The description of each image for a run that reads text: `text` (one description for
+  every image; sentences split at line breaks) or else the `.txt` beside each image (same stem),
+  else none (an empty text: the image-only mode). None when the run reads no text."""
+  if method.text is None:
+    if text:
+      log.warning("--text is ignored: this run reads no text (or --without_text)")
+    return None
+  from fgjax import text as fgtext
+  if text:
+    return [fgtext.sentences(text)] * len(paths)
+  out = []
+  for path in paths:
+    side = os.path.splitext(str(path))[0] + ".txt"
+    if os.path.isfile(side):
+      with open(side, encoding="utf-8") as f:
+        out.append(fgtext.sentences(f.read()))
+    else:
+      out.append(None)
+  found = sum(t is not None for t in out)
+  log.info("text: %d of %d images have a .txt beside them%s", found, len(out),
+           "" if found == len(out) else " (the others run image-only)")
+  return out
+
+
 def predict(workdir: str, paths=(), which: str = "best", top_k: int = 5,
             images: str | None = None, output: str | None = None, csv_top_k: int = 0,
-            tta: str | None = None) -> list[dict]:
+            tta: str | None = None, text: str | None = None,
+            without_text: bool = False) -> list[dict]:
   """Top-k class names with probabilities for each image file that can be read (the others
   are named in a warning and skipped), batched on every device with a progress bar. `images`:
   a directory (recursively) or a list file of images (`fgjax.toolkit.submission.list_images`)
   besides the files of `paths`. With `images` or `output`, writes the submission CSV
   (`filename,class` [+ class_2.., prob_1.. with `csv_top_k`]) to `output` (default
   `<workdir>/submission.csv`); prints each image's top-k when there are at most
-  PRINT_AT_MOST images or no CSV is written."""
+  PRINT_AT_MOST images or no CSV is written. A run that reads text gets `text` or the `.txt`
+  beside each image (`texts_for`); `without_text` runs it on the images alone."""
   if int(csv_top_k) < 0:
     raise ValueError(f"--top_k={csv_top_k}: must be >= 0 (0: filename,class only)")
   entries = [(str(p), str(p)) for p in paths]
@@ -122,11 +163,12 @@ def predict(workdir: str, paths=(), which: str = "best", top_k: int = 5,
   if not entries:
     raise ValueError("predict needs image files: run.py --mode=predict --workdir=W a.jpg b.jpg "
                      "or --images=DIR")
-  cfg, _, method, variables, _ = _restore(workdir, which, tta=tta)
+  cfg, _, method, variables, _ = _restore(workdir, which, tta=tta, without_text=without_text)
   files = [path for _, path in entries]
   kept, logits = evaluation.predict_files(cfg, method, variables, files,
                                           sharding.make_mesh(cfg),
-                                          tta=tta_lib.preset_of(cfg), progress=True)
+                                          tta=tta_lib.preset_of(cfg), progress=True,
+                                          texts=texts_for(method, files, text))
   if not kept:
     raise NoReadableImagesError(f"none of the {len(files)} files given could be read as an "
                                 f"image ({', '.join(map(str, files[:3]))}"
@@ -156,36 +198,47 @@ def predict(workdir: str, paths=(), which: str = "best", top_k: int = 5,
 
 
 def visualize(workdir: str, paths, output: str | None = None, which: str = "best",
-              config=None, num_images: int = 8, required: bool = True) -> list[str]:
+              config=None, num_images: int = 8, required: bool = True,
+              text: str | None = None, without_text: bool = False) -> list[str]:
   """Writes one PNG per image of what the run's method draws (for the ViT methods: the
-  selected patches and the rollout heat-map; CAL: the attention map and crop). A method that
-  draws nothing is an error, or with `required=False` (run.py after training) a log line."""
+  selected patches and the rollout heat-map; CAL: the attention map and crop; PMA: the three
+  located blocks and the phrases' weights, with `text` or the `.txt` beside each image, or the
+  test images' own descriptions). A method that draws nothing is an error, or with
+  `required=False` (run.py after training) a log line."""
   saved = setup.load_config(workdir)
   if not required and not setup.build(saved, int(saved.num_classes_resolved))[1].draws:
     log.info("visualize: %s with %s draws nothing", saved.get("method", "classifier"),
              saved.model.name)
     return []
-  cfg, model, method, variables, _ = _restore(workdir, which, config)
+  cfg, model, method, variables, _ = _restore(workdir, which, config,
+                                              without_text=without_text)
   if not method.draws:
     raise ValueError(f"visualize: config.method={cfg.get('method', 'classifier')!r} with "
                      f"{cfg.model.name} draws nothing (ViT-family models and CAL draw)")
   output = output or os.path.join(workdir, "visualize")
   os.makedirs(output, exist_ok=True)
+  text_inputs = None
   if paths:
     paths = readable_images(list(paths))
     x = evaluation.load_images(cfg, paths)
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    texts = texts_for(method, paths, text)
+    if texts is not None:
+      text_inputs = evaluation.text_fields(method, texts)
   else:
     test_src = setup.get_test_source(cfg)
-    batch = next(iter(setup.make_eval_iter(cfg, test_src, max(num_images, 1))))
+    batch = next(iter(setup.make_eval_iter(cfg, test_src, max(num_images, 1),
+                                           text=method.text)))
     n = int(np.asarray(batch["mask"]).sum())
     x = np.asarray(batch["image"])[:n]
     names = [f"test_{int(i)}" for i in np.asarray(batch["id"])[:n]]
+    if "phrases" in batch:
+      text_inputs = {k: np.asarray(batch[k])[:n] for k in ("phrases", "phrase_mask")}
   written = []
   normalize = setup.normalize_kind(cfg)
   if x.dtype == np.uint8:  # what render draws on: the images the model saw
     x = fgdata.Normalizer(normalize)(x)
-  for name, img in zip(names, method.render(variables, x, normalize)):
+  for name, img in zip(names, method.render(variables, x, normalize, text_inputs)):
     path = os.path.join(output, f"{name}_{method.picture}.png")
     img.save(path)
     written.append(path)
@@ -194,9 +247,11 @@ def visualize(workdir: str, paths, output: str | None = None, which: str = "best
 
 
 def export_teacher(workdir: str, output: str | None = None, which: str = "best",
-                   config=None) -> str:
-  """Writes the model's logits for every training example, keyed by example id."""
-  cfg, model, method, variables, info = _restore(workdir, which, config)
+                   config=None, without_text: bool = False) -> str:
+  """Writes the model's logits and probabilities for every training example, keyed by example
+  id (a run that reads text reads each example's description, as its evaluation does)."""
+  cfg, model, method, variables, info = _restore(workdir, which, config,
+                                                 without_text=without_text)
   mesh = sharding.make_mesh(cfg)
   train_src = setup.get_source(cfg, "train")
   out = evaluation.predict_source(cfg, method, variables, train_src, mesh, tta="none")
@@ -206,7 +261,8 @@ def export_teacher(workdir: str, output: str | None = None, which: str = "best",
     teachers.save_predictions(output, ids, logits, {
         "model": cfg.model.name, "workdir": os.path.abspath(workdir), "step": info["step"],
         "checkpoint": info["checkpoint"], "dataset": cfg.data.name,
-        "num_classes": model.num_classes})
+        "num_classes": model.num_classes, "method": cfg.get("method", "classifier"),
+        "text": method.text is not None})
   lookup = dict(zip(np.asarray(train_src.ids).tolist(), np.asarray(train_src.labels).tolist()))
   acc = float((logits.argmax(-1) == np.array([lookup[int(i)] for i in ids])).mean())
   log.info("wrote teacher predictions for %d training examples to %s (train accuracy %.4f)",
@@ -216,7 +272,8 @@ def export_teacher(workdir: str, output: str | None = None, which: str = "best",
 
 def pseudo_label(workdir: str, images=None, split: str | None = None, output: str | None = None,
                  which: str = "best", config=None, threshold: float | None = None,
-                 max_per_class: int | None = None, tta: str | None = None) -> dict:
+                 max_per_class: int | None = None, tta: str | None = None,
+                 without_text: bool = False) -> dict:
   """Writes the confident predictions of a workdir's model on unlabeled images (`images`: a
   folder, searched recursively, a text file of paths or a list of paths) or on a split of the
   run's dataset (`split`, e.g. "test") as a pseudo-label CSV (`fgjax.toolkit.pseudo_labels`;
@@ -241,7 +298,8 @@ def pseudo_label(workdir: str, images=None, split: str | None = None, output: st
                      "(e.g. --split=test) or a folder (--images=DIR)")
   if isinstance(images, (str, os.PathLike)):  # --images: as predict reads it
     images = [os.path.abspath(path) for _, path in submission.list_images(images)]
-  cfg, _, method, variables, info = _restore(workdir, which, config, tta=tta)
+  cfg, _, method, variables, info = _restore(workdir, which, config, tta=tta,
+                                             without_text=without_text)
   names = list(cfg.get("class_names_resolved", []) or [])
   mesh = sharding.make_mesh(cfg)
   preset = tta_lib.preset_of(cfg)
@@ -255,7 +313,8 @@ def pseudo_label(workdir: str, images=None, split: str | None = None, output: st
     what = f"the {len(keys)} images of the {split} split"
   else:
     keys, logits = evaluation.predict_files(cfg, method, variables, list(images), mesh,
-                                            tta=preset, progress=True)
+                                            tta=preset, progress=True,
+                                            texts=texts_for(method, list(images)))
     if not keys:
       raise NoReadableImagesError(f"none of the {len(images)} files given could be read as an "
                                   f"image ({', '.join(map(str, images[:3]))}"

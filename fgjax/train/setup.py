@@ -110,13 +110,74 @@ def get_test_source(config):
 
 def get_source(config, split: str):
   """`fgjax.data.get_source` with `data.source_kwargs`, merged with `data.split_kwargs[split]`
-  (e.g. different synthetic example counts per split)."""
+  (e.g. different synthetic example counts per split); with `data.text.enabled` the examples'
+  descriptions too (`data.text_dir`, `data.allow_missing_text`; docs/text.md)."""
   dcfg = config.data
   kw = dict(dcfg.get("source_kwargs", {}) or {})
   kw.update(dict((dcfg.get("split_kwargs", {}) or {}).get(split, {}) or {}))
   if dcfg.get("skip_bad_images"):
     kw["skip_bad_images"] = True
+  if text_enabled(config):
+    kw.update(with_text=True, text_dir=dcfg.get("text_dir") or None,
+              allow_missing_text=bool(dcfg.get("allow_missing_text", False)))
   return fgdata.get_source(dcfg.name, split, dcfg.get("data_dir"), **kw)
+
+
+# ----------------------------------------------------------------------------- text
+
+VOCAB_FILE = "vocab.txt"  # the run's vocabulary, in its workdir
+
+
+def text_enabled(config) -> bool:
+  """`config.data.text.enabled`: batches carry the examples' noun phrases."""
+  return bool(((config.get("data") or {}).get("text") or {}).get("enabled", False))
+
+
+def text_encoder(config, workdir: str | None = None, train_source=None):
+  """The run's `fgjax.text.TextEncoder` (None when `data.text.enabled` is off).
+
+  The vocabulary is `data.text.vocab` (a vocab.txt of another run, e.g. the teacher's) when
+  set, else `<workdir>/vocab.txt` when it exists (a resumed run, eval, predict: the ids the run
+  trained with), else built from the noun phrases of `train_source`'s texts (a new run, which
+  saves it with `save_vocabulary` once the workdir guard has passed)."""
+  if not text_enabled(config):
+    return None
+  from fgjax import text as fgtext
+  tcfg = config.data.text
+  given = tcfg.get("vocab") or ""
+  path = given or (os.path.join(workdir, VOCAB_FILE) if workdir else "")
+  if path and os.path.exists(path):
+    vocab = fgtext.Vocabulary.load(path)
+    saved = config.get("vocab_sha256_resolved")
+    if not given and saved and vocab.sha256() != saved:
+      raise ValueError(f"{path} was changed since the run started (its sha256 differs from "
+                       f"vocab_sha256_resolved in config.json): the run's word ids are lost")
+  elif given:
+    raise FileNotFoundError(f"config.data.text.vocab: {given} not found")
+  elif train_source is not None:
+    vocab = fgtext.Vocabulary.build((train_source.texts(i) for i in range(len(train_source))),
+                                    min_count=int(tcfg.get("min_count", 1)))
+    log.info("built a vocabulary of %d words from the noun phrases of %d training texts",
+             len(vocab), len(train_source))
+  else:
+    raise FileNotFoundError(f"{path or 'vocab.txt'} not found: the run's vocabulary (written by "
+                            f"training with data.text.enabled) is missing")
+  with config.unlocked():
+    config.vocab_size_resolved = len(vocab)
+    config.vocab_sha256_resolved = vocab.sha256()
+  return fgtext.TextEncoder(vocab, int(tcfg.max_phrases), int(tcfg.max_words),
+                            train_sentences=tcfg.get("train_sentences", "sample"),
+                            eval_sentences=tcfg.get("eval_sentences", "all"))
+
+
+def save_vocabulary(text, workdir: str):
+  """Writes the run's vocabulary to `<workdir>/vocab.txt` (process 0; kept when present)."""
+  if text is None or jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, VOCAB_FILE)
+  if not os.path.exists(path):
+    os.makedirs(workdir, exist_ok=True)
+    text.vocab.save(path)
 
 
 def pipeline_kwargs(config, train: bool) -> dict:
@@ -135,16 +196,17 @@ def pipeline_kwargs(config, train: bool) -> dict:
   return kw
 
 
-def make_train_iter(config, source, crop_boxes=None):
-  """The train loader; `crop_boxes` (N, 4): the attention-region crops (`fgjax.toolkit.crops`)."""
+def make_train_iter(config, source, crop_boxes=None, text=None):
+  """The train loader; `crop_boxes` (N, 4): the attention-region crops (`fgjax.toolkit.crops`);
+  `text`: the method's text encoder (`Method.text`), which adds the phrase fields."""
   return fgdata.make_train_loader(source, global_batch_size=int(config.batch_size),
-                                  seed=int(config.seed), crop_boxes=crop_boxes,
+                                  seed=int(config.seed), crop_boxes=crop_boxes, text=text,
                                   **pipeline_kwargs(config, True))
 
 
-def make_eval_iter(config, source, batch_size: int | None = None):
+def make_eval_iter(config, source, batch_size: int | None = None, text=None):
   bs = int(batch_size or config.get("eval_batch_size", config.batch_size))
-  return fgdata.make_eval_loader(source, global_batch_size=bs,
+  return fgdata.make_eval_loader(source, global_batch_size=bs, text=text,
                                  **pipeline_kwargs(config, train=False))
 
 
@@ -192,19 +254,28 @@ def resolved(config, method, element_spec):
 # ----------------------------------------------------------------------------- model, method
 
 
-def build_model(config, num_classes: int):
+def build_model(config, num_classes: int, vocab_size: int | None = None):
+  """The model of `config.model`; `vocab_size` (a model that reads text) its word count."""
   mcfg = config.model
   kwargs = dict(mcfg.get("kwargs", {}) or {})
   if "attn" in kwargs and kwargs["attn"] is None:  # the ResNet recipes' unset placeholder
     del kwargs["attn"]  # (configs.common.resnet_attention): the model's own default
   kwargs["dtype"] = dtype_of(mcfg.get("dtype", "float32"))
+  if vocab_size is not None:
+    kwargs["vocab_size"] = int(vocab_size)
   return models.create(mcfg.name, num_classes=num_classes, img_size=mcfg.img_size, **kwargs)
 
 
-def build(config, num_classes: int):
-  """(model, method) for `config`."""
-  model = build_model(config, num_classes)
-  return model, fgmethods.get_method(config, model, num_classes)
+def build(config, num_classes: int, text=None):
+  """(model, method) for `config`; `text` (the run's `text_encoder`) becomes `method.text`, and
+  a method whose model reads text (`Method.reads_text`) gets a model sized to its vocabulary."""
+  cls = fgmethods.method_class(config.get("method", "classifier"),
+                               config.get("method_import_resolved"))
+  vocab_size = len(text.vocab) if (text is not None and cls.reads_text) else None
+  model = build_model(config, num_classes, vocab_size)
+  method = fgmethods.get_method(config, model, num_classes)
+  method.text = text
+  return model, method
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -361,7 +432,8 @@ def restore_model(workdir: str, prefer: str = "best", mesh=None, num_classes=Non
     num_classes = int(config.get("num_classes_resolved", 0) or 0) or None
   if num_classes is None:
     raise ValueError(f"{workdir}/config.json lacks num_classes_resolved")
-  model, method = build(config, num_classes)
+  text = text_encoder(config, workdir)
+  model, method = build(config, num_classes, text)
   example = config_example(config)
   optimizers = build_optimizers(config, method, params_shape(method, example))
   abstract = abstract_train_state(config, method, optimizers, mesh, example)

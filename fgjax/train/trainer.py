@@ -118,11 +118,11 @@ def _average(fetched: list[dict]) -> dict:
   return {k: float(np.mean([m[k] for m in fetched if k in m])) for k in keys}
 
 
-def _cropping(config, train_src, old, table: crops.CropTable):
+def _cropping(config, train_src, old, table: crops.CropTable, text=None):
   """The train loader cropping by `table`'s boxes, continuing where the loader `old` stands."""
   state = old.get_state()
   old.close()
-  new = setup.make_train_iter(config, train_src, crop_boxes=table.boxes)
+  new = setup.make_train_iter(config, train_src, crop_boxes=table.boxes, text=text)
   new.set_state(state)
   return new
 
@@ -141,7 +141,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config.class_names_resolved = list(train_src.class_names)
     if config.data.get("pseudo_labels"):  # what the file held (workdir guard: rewritten since?)
       config.pseudo_labels_sha256_resolved = pseudo_labels.file_digest(config.data.pseudo_labels)
-  model, method = setup.build(config, num_classes)
+  # Text (data.text.enabled): the vocabulary of a resumed run, or one built from the training
+  # texts (saved as <workdir>/vocab.txt once the workdir guard has passed).
+  text = setup.text_encoder(config, workdir, train_src)
+  model, method = setup.build(config, num_classes, text)
 
   batch_size = int(config.batch_size)
   if batch_size % jax.device_count():
@@ -162,14 +165,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # The method's frozen helpers (a teacher, which may first train in <workdir>/teacher and
   # then stands in the config as the checkpoint it became).
   env = protocol.HelperEnv(config=config, mesh=mesh, train_source=train_src, workdir=workdir,
-                           restore=setup.restore_model, train=train_and_evaluate)
+                           restore=setup.restore_model, train=train_and_evaluate, text=text)
   try:
     helper_fns, helper_inputs = setup.build_helpers(method, env)
   except protocol.HelperStopped as e:
     log.warning("%s; rerun the same command to resume", e)
     return {"stopped_at": 0, "stopped_in": e.run}
 
-  train_iter = setup.make_train_iter(config, train_src)
+  train_iter = setup.make_train_iter(config, train_src, text=method.text)
   example = setup.example_batch(train_iter.element_spec)
   setup.resolved(config, method, train_iter.element_spec)
   if refresher is not None:
@@ -202,6 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        example)
       data_state, start = None, 0
     if guard.kind == "fresh":
+      setup.save_vocabulary(method.text, workdir)
       guard.commit(config)
     else:  # a changed config.json is written once the run's first checkpoint has committed
       ckpt.when_committed(lambda: guard.commit(config))
@@ -223,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if refresh_now:
         crop_table = refresh_crops(start)
       if crop_table is not None:
-        train_iter = _cropping(config, train_src, train_iter, crop_table)
+        train_iter = _cropping(config, train_src, train_iter, crop_table, method.text)
 
     def crop_arrays():  # what each checkpoint saves beside it
       return None if crop_table is None else crop_table.arrays()
@@ -245,7 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if split_src is None:
         return None
       metrics = evaluation.evaluate(eval_step, setup.eval_variables(state),
-                                    iter(setup.make_eval_iter(config, split_src)), mesh,
+                                    iter(setup.make_eval_iter(config, split_src,
+                                                              text=method.text)), mesh,
                                     num_classes, method)
       logged = metrics
       if split == "test" and "top1" in metrics:
@@ -291,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending, t_log = [], time.time()
       if crop_plan is not None and crop_plan.due(step) and not stop:
         crop_table = refresh_crops(step)
-        train_iter = _cropping(config, train_src, train_iter, crop_table)
+        train_iter = _cropping(config, train_src, train_iter, crop_table, method.text)
         data_iter = iter(train_iter)
       # Evaluation comes before the step's checkpoint: a run killed while evaluating resumes
       # from an earlier checkpoint and evaluates again, so no evaluation (and no best

@@ -44,7 +44,7 @@ log = logging.getLogger("fgjax")
 
 RESUMABLE = ("total_steps", "total_epochs", "total_examples", "log_every_*", "eval_every_*",
              "checkpoint_every_*", "keep_checkpoints", "eval_batch_size", "visualize_examples",
-             "data.worker_count", "data.prefetch", "data.data_dir", "data.backend",
+             "data.worker_count", "data.prefetch", "data.data_dir", "data.text_dir", "data.backend",
              "data.draft_decode", "model.kwargs.attention_impl", "model.kwargs.attention_chunk",
              "pseudo_label.*")
 IGNORED = ("*_resolved", "resume_with_changes")
@@ -55,7 +55,11 @@ ADDED = {"eval.tta": "none", "data.pseudo_labels": "", "model.kwargs.attn": None
          "pseudo_label.threshold": 0.9, "pseudo_label.max_per_class": 0,
          "crop.enabled": False, "crop.kind": "random_box", "crop.start_epoch": 1,
          "crop.every_epochs": 1, "crop.map": "auto", "crop.threshold": 0.5,
-         "crop.threshold_of": "max", "crop.box_size": [0.6, 0.6], "crop.num_boxes": 32}
+         "crop.threshold_of": "max", "crop.box_size": [0.6, 0.6], "crop.num_boxes": 32,
+         "data.text_dir": "", "data.allow_missing_text": False, "data.text.enabled": False,
+         "data.text.max_phrases": 16, "data.text.max_words": 6,
+         "data.text.train_sentences": "sample", "data.text.eval_sentences": "all",
+         "data.text.min_count": 1, "data.text.vocab": ""}
 _FGJAX_ENTRIES = ("config.json", "checkpoints", "teacher")
 _MAX_LISTED = 12
 

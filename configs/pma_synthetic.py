@@ -1,0 +1,67 @@
+r"""PMA on the synthetic birds with the harder text (CPU-sized evidence, docs/pma.md).
+
+  python run.py --config=configs/pma_synthetic.py --workdir=runs/pma_synthetic    # bi-modal
+  python run.py --config=configs/pma_synthetic.py:modality=image   # image-only PMA (no text)
+  python run.py --config=configs/pma_synthetic.py:modality=text    # the text alone
+  python run.py --config=configs/pma_synthetic.py:student=True \
+      --config.teacher.checkpoint=runs/pma_synthetic                # distilled image-only CNN
+  python run.py --config=configs/pma_synthetic.py:runlocal          # a few steps
+
+Data: the synthetic birds (20 classes, 96 px crops of 112 px renders, 4000 training images)
+with `text="hard"` (`fgjax.data.synthetic`): each bird has 4 sentences that together mention
+only one or two of its three coloured parts, each colour wrong with probability 0.1, so the
+text narrows the class down without determining it and the image must still be read. All
+sentences' phrases are concatenated (at most 16 phrases of 6 words). Model: `pma_cnn_small`
+(4 conv stages 16-128 wide; 2x2 blocks of its 12 x 12 last map: a 6 x 6 block grid), AdamW
+lr 3e-3, cosine, 800 steps of 64 for every variant (same budget). The student is `cnn_small`
+(the same conv stages, global max pooling) trained on the bi-modal teacher's probabilities
+(online teacher, KL at temperature 1, no labels).
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, runlocal=False, modality="bimodal", student=False, steps=800,
+                          seed=0)
+  if args.modality not in ("bimodal", "image", "text"):
+    raise ValueError(f"modality={args.modality!r}: choose bimodal, image or text")
+  c = common.base_config("distill" if args.student else "pma")
+  c.seed = args.seed
+  c.model.img_size = 96
+  if args.student:
+    c.model.name = "cnn_small"
+    c.model.kwargs = dict(widths=(16, 32, 64, 128), convs_per_stage=1, stem_stride=2,
+                          pool="max")
+    c.teacher = dict(checkpoint="runs/pma_synthetic", predictions="")
+    c.distill = dict(temperature=1.0, kl_weight=1.0, ce_weight=0.0)
+  else:
+    c.model.name = "pma_cnn_small"
+    c.model.kwargs = dict(modality="text" if args.modality == "text" else "bimodal")
+  c.data.name = "synthetic"
+  c.data.source_kwargs = dict(num_classes=20, image_size=112, cache=True, text="hard",
+                              text_sentences=4, text_noise=0.1)
+  c.data.split_kwargs = {"train": dict(num_examples=4000)}
+  c.data.resize_size = 104
+  c.data.normalize = "half"
+  c.data.augment = dict(flip=True, sharpness=0.0)
+  # The student's batches carry the text for its online teacher; image-only PMA reads none.
+  c.data.text = dict(enabled=args.modality != "image", max_phrases=16, max_words=6,
+                     train_sentences="concat", eval_sentences="all", min_count=1, vocab="")
+  c.batch_size = 64
+  c.eval_batch_size = 128
+  c.total_steps = args.steps
+  c.optim.name = "adamw"
+  c.optim.lr = 3e-3
+  c.optim.weight_decay = 0.05
+  c.optim.warmup_steps = 20
+  c.optim.new_layers = (".*",)
+  c.log_every_steps = 50
+  c.eval_every_steps = args.steps
+  c.checkpoint_every_steps = args.steps
+  if args.runlocal:
+    c.data.split_kwargs = {"train": dict(num_examples=64), "test": dict(num_examples=32)}
+    c.model.img_size = 64
+    c.data.source_kwargs["image_size"] = 72
+    c.data.resize_size = 72
+    common.quick_run(c, steps=2, batch=16)
+  return c
