@@ -17,7 +17,9 @@ Contents:
   - timing: `time_fn` (warm-up, then per-iteration wall times; report the median) and
     `stopwatch` (one-shot timing of e.g. a compilation);
   - reporting: `describe_machine` / `format_machine` (CPU model, cores, accelerators, library
-    versions, date, load), `markdown_table`, `fmt` and `write_json`.
+    versions, date, load), `markdown_table`, `fmt` and `write_json`;
+  - accuracy evidence (`toolkit_evidence.py`, `pma_evidence.py`): `train_once` (a run, or the
+    finished run a workdir already holds), `cpu_model` and `pct`.
 
 A note on XLA's CPU thread count: `XLA_FLAGS=intra_op_parallelism_threads=N` is *not* an XLA
 flag (it is a TensorFlow session option); current jaxlib accepts it silently and ignores it, and
@@ -448,3 +450,31 @@ def write_json(path: str, obj: Any) -> None:
   with open(path, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=2, sort_keys=False, default=str)
     f.write("\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy evidence
+# --------------------------------------------------------------------------------------------
+
+
+def train_once(config, workdir: str) -> tuple[dict, float]:
+  """(final metrics, seconds) of a training run; a finished run in `workdir` is read, not
+  retrained (seconds NaN)."""
+  from fgjax.train import trainer
+  path = os.path.join(workdir, "final_metrics.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f), float("nan")
+  t = time.time()
+  result = trainer.train_and_evaluate(config, workdir)
+  return result, time.time() - t
+
+
+def cpu_model() -> str:
+  """The CPU's model name (/proc/cpuinfo, else platform.processor())."""
+  return _cpuinfo()[0] or platform.processor() or "unknown CPU"
+
+
+def pct(x) -> str:
+  """A fraction as a percentage with one decimal ("-" for None)."""
+  return "-" if x is None else f"{100 * x:.1f}%"

@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
-import platform
 import sys
 import time
 
@@ -58,30 +56,13 @@ def base_config(steps: int, seed: int):
   return c
 
 
-def train(config, workdir: str) -> tuple[dict, float]:
-  """(final metrics, seconds) of a run; a finished run in `workdir` is read, not retrained."""
-  from fgjax.train import trainer
-  path = os.path.join(workdir, "final_metrics.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f), float("nan")
-  t = time.time()
-  result = trainer.train_and_evaluate(config, workdir)
-  return result, time.time() - t
-
-
-def pct(x) -> str:
-  return f"{100 * x:.1f}%"
-
-
 def main(argv=None) -> int:
   args = parse_args(argv)
+  from benchmarks.common import cpu_model, pct, train_once as train
   from fgjax.tools import ensemble
   from fgjax.train import modes
   os.makedirs(args.workdir, exist_ok=True)
-  cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-              if line.startswith("model name")), platform.processor()) \
-      if os.path.exists("/proc/cpuinfo") else platform.processor()
+  cpu = cpu_model()
   import jax
   print(f"# The toolkit on the synthetic birds: {cpu}, {os.cpu_count()} CPUs, jax "
         f"{jax.__version__}, {time.strftime('%Y-%m-%d')}, {args.steps} steps of 64 per run\n")

@@ -50,10 +50,10 @@ def base_config(method: str = "classifier") -> ml_collections.ConfigDict:
       # allow_missing_text: an image without a description gets an empty, fully masked text.
       # train_sentences "sample" (one per step) | "concat"; eval_sentences "all" | "first";
       # vocab: another run's vocab.txt (default: built from the training texts, saved in the
-      # workdir).
+      # workdir); train_drop: the share of training examples whose text is dropped.
       text_dir="", allow_missing_text=False,
       text=dict(enabled=False, max_phrases=16, max_words=6, train_sentences="sample",
-                eval_sentences="all", min_count=1, vocab=""),
+                eval_sentences="all", min_count=1, vocab="", train_drop=0.0),
       augment=dict(flip=True, sharpness=0.0, randaugment=None, autoaugment=False,
                    color_jitter=(0.0, 0.0, 0.0), crop_padding=0)))
   c.batch_size = 64

@@ -44,7 +44,8 @@ def pma_config(arg, *, backbone: str):
   c.data.data_dir = "data/CUB_200_2011"
   c.data.text_dir = ""  # default: text_c10/ in or beside data_dir (Reed et al. 2016)
   c.data.text = dict(enabled=not args.image_only, max_phrases=40, max_words=6,
-                     train_sentences="concat", eval_sentences="all", min_count=1, vocab="")
+                     train_sentences="concat", eval_sentences="all", min_count=1, vocab="",
+                     train_drop=0.0)
   c.data.resize_size = 512
   c.data.resize_mode = "square"
   c.data.normalize = "imagenet"

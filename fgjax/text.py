@@ -538,10 +538,14 @@ class TextEncoder:
   concatenates all sentences' phrases, "first" uses the first sentence. Phrases beyond
   max_phrases are dropped; a phrase longer than max_words keeps its last max_words words (the
   head noun is last). Word ids are left-aligned and padded with PAD_ID; no text gives all zeros
-  and an all-False mask."""
+  and an all-False mask. `train_drop` (config.data.text.train_drop): in training, an example's
+  whole text is dropped (the missing-text encoding) with this probability, drawn from its rng,
+  so that a bi-modal model also learns to read the image alone (off by default: the paper
+  trains on every text)."""
 
   def __init__(self, vocab: Vocabulary, max_phrases: int, max_words: int,
-               train_sentences: str = "sample", eval_sentences: str = "all"):
+               train_sentences: str = "sample", eval_sentences: str = "all",
+               train_drop: float = 0.0):
     if not isinstance(vocab, Vocabulary):
       raise TypeError(f"vocab must be a Vocabulary, got {type(vocab).__name__}")
     self.vocab = vocab
@@ -555,6 +559,9 @@ class TextEncoder:
                        f"{eval_sentences!r}")
     self.train_sentences = train_sentences
     self.eval_sentences = eval_sentences
+    self.train_drop = float(train_drop)
+    if not 0.0 <= self.train_drop < 1.0:
+      raise ValueError(f"config.data.text.train_drop must be in [0, 1), got {train_drop!r}")
     self._cache: dict[str, tuple[tuple[int, ...], ...]] = {}
 
   def __getstate__(self):  # the cache is rebuilt in each worker process, not shipped to it
@@ -579,6 +586,11 @@ class TextEncoder:
     """(phrases int32 (max_phrases, max_words), mask bool (max_phrases,)) of one example's
     text: None, "", one sentence (str) or a list/tuple of sentences."""
     sents = _as_sentences(text)
+    if train and self.train_drop > 0:
+      if rng is None:
+        raise ValueError("config.data.text.train_drop > 0 needs an rng (a numpy Generator)")
+      if rng.random() < self.train_drop:
+        sents = []
     if train and self.train_sentences == "sample":
       if rng is None:
         raise ValueError("config.data.text.train_sentences='sample' needs an rng "

@@ -86,7 +86,8 @@ def test_pma_method_inputs_and_part_hits_against_chance():
   variables = m.init_variables(jax.random.key(0), {"image": batch["image"][:1]})
   assert "word_embed" in variables["params"]  # text parameters even from an image-only example
   grid = m.model.block_grid()
-  boxes = pma_method.block_boxes(grid, 64)
+  boxes = pma_method.all_block_boxes(m.model)
+  assert boxes.shape == (grid[0] * grid[1], 4) and boxes.max() <= 64
   # One part centred in block 0 of every example, one in the last block.
   parts = np.full((b, 3, 4), -1, np.float32)
   parts[:, 0] = [boxes[0][0] + 1, boxes[0][1] + 1, boxes[0][0] + 3, boxes[0][1] + 3]
@@ -206,6 +207,26 @@ def _restored(w):
 
 
 @pytest.mark.slow
+def test_a_resumed_run_reads_its_vocabulary_and_refuses_a_lost_one(bimodal_run, tmp_path):
+  import shutil
+  w, _ = bimodal_run
+  copy = tmp_path / "resumed"
+  shutil.copytree(w, copy)
+  before = (copy / "vocab.txt").read_text()
+  cfg = _synthetic(**{"total_steps": 3, "eval_every_steps": 3})
+  trainer.train_and_evaluate(cfg, str(copy))
+  steps = [json.loads(x)["step"] for x in open(copy / "metrics.jsonl")]
+  assert max(steps) == 3 and steps.count(1) == 1  # resumed at 2, not trained again from 0
+  assert (copy / "vocab.txt").read_text() == before
+  assert json.loads((copy / "config.json").read_text())["total_steps"] == 3
+  os.remove(copy / "vocab.txt")
+  with pytest.raises(FileNotFoundError, match="vocab.txt not found"):
+    trainer.train_and_evaluate(_synthetic(**{"total_steps": 4}), str(copy))
+  with pytest.raises(FileNotFoundError, match="vocab.txt not found"):
+    setup.restore_model(str(copy))
+
+
+@pytest.mark.slow
 def test_a_changed_vocabulary_is_refused(bimodal_run, tmp_path):
   import shutil
   w, _ = bimodal_run
@@ -238,6 +259,7 @@ def test_students_learn_from_the_teacher_online_and_from_exported_predictions(
   assert "kl" in train_rows[-1] and "ce" in train_rows[-1]
 
 
+@pytest.mark.slow
 def test_online_text_teacher_needs_text_in_the_student_batches(bimodal_run, tmp_path):
   w, _ = bimodal_run
   cfg = _synthetic("runlocal,student=True", **{"teacher.checkpoint": str(w),
@@ -270,12 +292,33 @@ def test_cub_layout_with_descriptions_through_run_py(tmp_path):
                         f"--config.data.data_dir={fake.data_dir}",
                         f"--config.teacher.checkpoint={teacher}"))
   assert (student / "final_metrics.json").exists()
+  # Without the descriptions: the student needs none, the teacher runs image-only.
+  import shutil
+  shutil.rmtree(fake.text_dir)
+  fx.check_ok(fx.run_py("--mode=eval", f"--workdir={student}"))
+  fx.check_ok(fx.run_py("--mode=eval", f"--workdir={teacher}", "--without_text",
+                        "--config=configs/pma_vgg16_cub.py:runlocal",
+                        f"--config.data.data_dir={fake.data_dir}"))
+  assert (teacher / "eval_metrics_without_text.json").exists()
+  assert (teacher / "without_text" / "per_class.csv").exists()
+  proc = fx.run_py("--mode=eval", f"--workdir={teacher}")
+  assert proc.returncode == 2 and "text" in proc.stderr and "Traceback" not in proc.stderr
   img = fake.files[0] if hasattr(fake, "files") else None
   if img is None:
     img = next(str(p) for p in (tmp_path / "data").rglob("*.jpg"))
   proc = fx.check_ok(fx.run_py("--mode=predict", f"--workdir={teacher}", img,
                                "--text=this bird has a red crown"))
   assert "%" in proc.stdout
+
+
+@pytest.mark.slow
+def test_synthetic_through_run_py_with_and_without_text(tmp_path):
+  w = tmp_path / "w"
+  fx.check_ok(fx.run_py("--config=configs/pma_synthetic.py:runlocal", f"--workdir={w}"))
+  proc = fx.check_ok(fx.run_py("--mode=eval", f"--workdir={w}", "--without_text"))
+  assert '"text": "without"' in proc.stdout
+  proc = fx.check_ok(fx.run_py("--mode=visualize", f"--workdir={w}", "--num_images=1"))
+  assert list((w / "visualize").glob("*_pma.png"))
 
 
 def test_pma_configs_build():

@@ -334,3 +334,21 @@ def test_encoder_pickles():
     b = clone.encode(SENTS, rng=np.random.default_rng(seed), train=True)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_train_drop_drops_whole_texts_in_training_only():
+  vocab = Vocabulary.build(["a red beak", "a blue crest"])
+  enc = TextEncoder(vocab, 4, 4, train_sentences="concat", train_drop=0.5)
+  sents = ["a red beak", "a blue crest"]
+  dropped = [not enc.encode(sents, rng=np.random.default_rng(i), train=True)[1].any()
+             for i in range(400)]
+  assert 0.4 < np.mean(dropped) < 0.6  # binomial(400, 0.5): sd 0.025, a 4-sd band
+  kept = enc.encode(sents, rng=np.random.default_rng(1), train=True)
+  assert all(enc.encode(sents, rng=np.random.default_rng(1), train=True)[0].tolist() ==
+             kept[0].tolist() for _ in range(3))  # the same rng drops the same examples
+  assert enc.encode(sents)[1].sum() == 2  # evaluation never drops
+  plain = TextEncoder(vocab, 4, 4, train_sentences="concat")
+  assert all(plain.encode(sents, rng=np.random.default_rng(i), train=True)[1].sum() == 2
+             for i in range(50))
+  with pytest.raises(ValueError, match="train_drop"):
+    TextEncoder(vocab, 4, 4, train_drop=1.0)

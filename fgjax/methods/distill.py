@@ -65,6 +65,12 @@ class SoftTeacher(Helper):
     ckpt, preds = self.tcfg.get("checkpoint"), self.tcfg.get("predictions")
     if ckpt:
       if not os.path.isdir(ckpt):
+        from fgjax import convert
+        meta = convert.read_meta(ckpt) if ckpt.endswith(".npz") and os.path.exists(ckpt) else {}
+        if str(meta.get("model", "")).startswith("pma_"):
+          raise ValueError(f"config.teacher.checkpoint: {ckpt} is a params file of a model that "
+                           f"reads text ({meta['model']}) without its vocabulary: give the "
+                           f"teacher's workdir (it holds vocab.txt)")
         model, variables, desc = teachers.load_teacher_model(ckpt, num_classes, env.mesh,
                                                              env.restore)
         method = None

@@ -52,13 +52,13 @@ def box_hits(boxes, points, valid):
   return inside.any(-1)
 
 
-def block_boxes(grid, img_size) -> np.ndarray:
-  """(h * w, 4) x0, y0, x1, y1 in input pixels of every block of an h x w block grid (row-major,
-  as `aux["located"]` counts them)."""
-  h, w = grid
-  bh, bw = img_size / h, img_size / w
-  r, c = np.divmod(np.arange(h * w), w)
-  return np.stack([c * bw, r * bh, (c + 1) * bw, (r + 1) * bh], 1).astype(np.float32)
+def all_block_boxes(model) -> np.ndarray:
+  """(h * w, 4) x0, y0, x1, y1 in input pixels of every block of the model's grid (row-major, as
+  `aux["located"]` counts them), the same boxes as `aux["located_boxes"]`."""
+  from fgjax.models import pma as pma_model
+  h, w = model.block_grid()
+  s = model.img_size if isinstance(model.img_size, int) else model.img_size[0]
+  return np.asarray(pma_model.block_boxes(jnp.arange(h * w), model.map_size(), (s, s)))
 
 
 class PMA(Method):
@@ -75,6 +75,7 @@ class PMA(Method):
                        f"pma_cnn_small); config.model.name={config.model.name!r} is not one")
     self.text_model = model.modality == "text"
     self.image_model = not self.text_model
+    self._blocks = all_block_boxes(model) if self.image_model else None
     if model.vocab_size == 0 and self.text_model:
       raise ValueError("config.model.kwargs.modality='text' reads text only: set "
                        "config.data.text.enabled=True")
@@ -122,7 +123,7 @@ class PMA(Method):
     if parts is not None:
       points, valid = parts
       hits = box_hits(aux["located_boxes"], points, valid).astype(jnp.float32)  # (B, K)
-      blocks = jnp.asarray(block_boxes(self.model.block_grid(), self._img_size()))
+      blocks = jnp.asarray(self._blocks)
       chance = box_hits(jnp.broadcast_to(blocks, (points.shape[0],) + blocks.shape), points,
                         valid).astype(jnp.float32).mean(-1)
       values["has_parts"] = valid.any(-1)
@@ -131,10 +132,6 @@ class PMA(Method):
       values["located_hit"] = hits.mean(-1)
       values["located_hit_chance"] = chance
     return {"logits": logits}, values
-
-  def _img_size(self) -> int:
-    s = self.model.img_size
-    return int(s if isinstance(s, int) else s[0])
 
   def summarize(self, values):
     """located_part_hits (mean over stages and over the examples with part annotations), per

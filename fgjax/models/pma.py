@@ -175,14 +175,19 @@ class PMA(nn.Module):
     "text" has none)."""
     return {} if self.modality == "text" else {"backbone": self.backbone}
 
-  def block_grid(self) -> tuple[int, int]:
-    """(h, w) of the block grid at img_size: half the backbone's last map, rounded up."""
+  def map_size(self) -> tuple[int, int]:
+    """(H, W) of the backbone's last map X at img_size (static)."""
     if self.modality == "text":
       raise ValueError("PMA modality 'text' reads no image and has no block grid")
     backbone = self.backbone.clone(parent=None)
     spec = jax.ShapeDtypeStruct((1, self.img_size, self.img_size, 3), jnp.float32)
     out, _ = jax.eval_shape(lambda x: backbone.init_with_output(jax.random.key(0), x), spec)
     _, H, W, _ = out[1]["stages"][-1].shape
+    return int(H), int(W)
+
+  def block_grid(self) -> tuple[int, int]:
+    """(h, w) of the block grid at img_size: half the backbone's last map, rounded up."""
+    H, W = self.map_size()
     return (H + 1) // 2, (W + 1) // 2
 
   def _check(self):

@@ -39,11 +39,6 @@ def _restore(workdir, which, config=None, tta=None, without_text=False):
   if tta is not None:
     tta_lib.check_preset(tta)
   cfg, model, method, variables, info = setup.restore_model(workdir, prefer=which)
-  if without_text and method.text is not None:
-    method.text = None  # batches without phrases: the image-only mode
-    with cfg.unlocked():
-      cfg.data.text.enabled = False  # the sources need no description files either
-    log.info("without text: %s runs on the images alone", cfg.model.name)
   with cfg.unlocked():
     if config is not None:  # a config given on the command line overrides data, eval settings
       cfg.data = config.data
@@ -53,6 +48,12 @@ def _restore(workdir, which, config=None, tta=None, without_text=False):
       cfg.eval = ml_collections.ConfigDict(dict(tta="none"))
     if tta is not None:
       cfg.eval.tta = tta
+    if not method.reads_text or without_text:  # after a --config's data section
+      if setup.text_enabled(cfg):
+        cfg.data.text.enabled = False  # the sources need no description files either
+  if without_text and method.text is not None:
+    method.text = None  # batches without phrases: the image-only mode
+    log.info("without text: %s runs on the images alone", cfg.model.name)
   tta_lib.check(method, tta_lib.preset_of(cfg))
   log.info("restored %s (%s checkpoint, step %d)", cfg.model.name, info["checkpoint"],
            info["step"])
@@ -64,7 +65,9 @@ def evaluate_checkpoint(workdir: str, config=None, which: str = "best", tta: str
   """Evaluates a checkpoint on the test split under the TTA preset (module docstring); writes
   `eval_metrics.json` (with "tta": the preset) in the workdir and the error analysis of the
   "logits" head (per_class.csv, confused_pairs.csv, confusion.png) in `output` (a directory;
-  default the workdir)."""
+  default the workdir). `without_text` (a run that reads text, on the images alone) writes
+  `eval_metrics_without_text.json` and, by default, the analysis in `<workdir>/without_text/`,
+  beside the with-text files."""
   cfg, model, method, variables, info = _restore(workdir, which, config, tta, without_text)
   preset = tta_lib.preset_of(cfg)
   mesh = sharding.make_mesh(cfg)
@@ -75,15 +78,18 @@ def evaluate_checkpoint(workdir: str, config=None, which: str = "best", tta: str
                                     mesh)
   metrics = evaluation.summarize_eval(results, model.num_classes, method)
   metrics.update({"tta": preset, "checkpoint": info["checkpoint"], "step": info["step"]})
+  textless = method.reads_text and method.text is None and without_text
   if method.reads_text:
     metrics["text"] = "with" if method.text is not None else "without"
   print(json.dumps({"test": metrics}, indent=2))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval_metrics.json"), "w") as f:
+    name = "eval_metrics_without_text.json" if textless else "eval_metrics.json"
+    with open(os.path.join(workdir, name), "w") as f:
       json.dump({"test": metrics}, f, indent=2)
     real = results["mask"].astype(bool)
     names = list(cfg.get("class_names_resolved", []) or [])
-    written = analysis.write_reports(output or workdir, results["label"][real],
+    output = output or (os.path.join(workdir, "without_text") if textless else workdir)
+    written = analysis.write_reports(output, results["label"][real],
                                      results["pred"][real], names or None, model.num_classes)
     log.info("wrote %s", ", ".join(written.values()))
   return metrics
@@ -133,7 +139,7 @@ def texts_for(method, paths, text: str | None = None) -> list | None:
   for path in paths:
     side = os.path.splitext(str(path))[0] + ".txt"
     if os.path.isfile(side):
-      with open(side, encoding="utf-8") as f:
+      with open(side, encoding="utf-8", errors="replace") as f:
         out.append(fgtext.sentences(f.read()))
     else:
       out.append(None)

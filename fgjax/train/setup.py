@@ -136,38 +136,48 @@ def text_enabled(config) -> bool:
 def text_encoder(config, workdir: str | None = None, train_source=None):
   """The run's `fgjax.text.TextEncoder` (None when `data.text.enabled` is off).
 
-  The vocabulary is `data.text.vocab` (a vocab.txt of another run, e.g. the teacher's) when
-  set, else `<workdir>/vocab.txt` when it exists (a resumed run, eval, predict: the ids the run
-  trained with), else built from the noun phrases of `train_source`'s texts (a new run, which
-  saves it with `save_vocabulary` once the workdir guard has passed)."""
+  The vocabulary is the workdir's own `vocab.txt` when it exists (a resumed run, eval, predict:
+  the ids the run trained with; its sha256 must be the one config.json recorded), else
+  `data.text.vocab` (another run's vocab.txt, e.g. the teacher's) for a new run, else built
+  from the noun phrases of `train_source`'s texts (a new run). A new run saves it with
+  `save_vocabulary` once the workdir guard has passed. A workdir whose config.json recorded a
+  vocabulary that is now missing or changed is refused."""
   if not text_enabled(config):
     return None
   from fgjax import text as fgtext
   tcfg = config.data.text
   given = tcfg.get("vocab") or ""
-  path = given or (os.path.join(workdir, VOCAB_FILE) if workdir else "")
-  if path and os.path.exists(path):
-    vocab = fgtext.Vocabulary.load(path)
-    saved = config.get("vocab_sha256_resolved")
-    if not given and saved and vocab.sha256() != saved:
-      raise ValueError(f"{path} was changed since the run started (its sha256 differs from "
+  own = os.path.join(workdir, VOCAB_FILE) if workdir else ""
+  saved = config.get("vocab_sha256_resolved")
+  if own and os.path.exists(os.path.join(workdir, "config.json")):
+    saved = workdir_lib.read_saved(workdir).get("vocab_sha256_resolved") or saved
+  if own and os.path.exists(own):
+    vocab = fgtext.Vocabulary.load(own)
+    if saved and vocab.sha256() != saved:
+      raise ValueError(f"{own} was changed since the run started (its sha256 differs from "
                        f"vocab_sha256_resolved in config.json): the run's word ids are lost")
+  elif saved:
+    raise FileNotFoundError(f"{own or VOCAB_FILE} not found: the vocabulary this run trained "
+                            f"with (sha256 {saved[:12]}... in config.json) is missing")
   elif given:
-    raise FileNotFoundError(f"config.data.text.vocab: {given} not found")
+    if not os.path.exists(given):
+      raise FileNotFoundError(f"config.data.text.vocab: {given} not found")
+    vocab = fgtext.Vocabulary.load(given)
   elif train_source is not None:
     vocab = fgtext.Vocabulary.build((train_source.texts(i) for i in range(len(train_source))),
-                                    min_count=int(tcfg.get("min_count", 1)))
+                                    min_count=tcfg.get("min_count", 1))
     log.info("built a vocabulary of %d words from the noun phrases of %d training texts",
              len(vocab), len(train_source))
   else:
-    raise FileNotFoundError(f"{path or 'vocab.txt'} not found: the run's vocabulary (written by "
+    raise FileNotFoundError(f"{own or VOCAB_FILE} not found: the run's vocabulary (written by "
                             f"training with data.text.enabled) is missing")
   with config.unlocked():
     config.vocab_size_resolved = len(vocab)
     config.vocab_sha256_resolved = vocab.sha256()
-  return fgtext.TextEncoder(vocab, int(tcfg.max_phrases), int(tcfg.max_words),
+  return fgtext.TextEncoder(vocab, tcfg.max_phrases, tcfg.max_words,
                             train_sentences=tcfg.get("train_sentences", "sample"),
-                            eval_sentences=tcfg.get("eval_sentences", "all"))
+                            eval_sentences=tcfg.get("eval_sentences", "all"),
+                            train_drop=float(tcfg.get("train_drop", 0.0)))
 
 
 def save_vocabulary(text, workdir: str):
@@ -432,7 +442,14 @@ def restore_model(workdir: str, prefer: str = "best", mesh=None, num_classes=Non
     num_classes = int(config.get("num_classes_resolved", 0) or 0) or None
   if num_classes is None:
     raise ValueError(f"{workdir}/config.json lacks num_classes_resolved")
-  text = text_encoder(config, workdir)
+  cls = fgmethods.method_class(config.get("method", "classifier"),
+                               config.get("method_import_resolved"))
+  text = None
+  if cls.reads_text:
+    text = text_encoder(config, workdir)
+  elif text_enabled(config):  # an image-only model (a distilled student): no text at inference
+    with config.unlocked():
+      config.data.text.enabled = False
   model, method = build(config, num_classes, text)
   example = config_example(config)
   optimizers = build_optimizers(config, method, params_shape(method, example))

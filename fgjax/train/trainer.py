@@ -143,7 +143,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       config.pseudo_labels_sha256_resolved = pseudo_labels.file_digest(config.data.pseudo_labels)
   # Text (data.text.enabled): the vocabulary of a resumed run, or one built from the training
   # texts (saved as <workdir>/vocab.txt once the workdir guard has passed).
-  text = setup.text_encoder(config, workdir, train_src)
+  # (From the labelled training images only: pseudo-labelled test images bring no words.)
+  labelled = train_src.train if isinstance(train_src, pseudo_labels.PseudoLabelSource) \
+      else train_src
+  text = setup.text_encoder(config, workdir, labelled)
   model, method = setup.build(config, num_classes, text)
 
   batch_size = int(config.batch_size)
@@ -204,8 +207,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state = setup.create_train_state(config, method, optimizers, mesh, jax.random.key(seed),
                                        example)
       data_state, start = None, 0
+    setup.save_vocabulary(method.text, workdir)  # a new run's (kept when there)
     if guard.kind == "fresh":
-      setup.save_vocabulary(method.text, workdir)
       guard.commit(config)
     else:  # a changed config.json is written once the run's first checkpoint has committed
       ckpt.when_committed(lambda: guard.commit(config))

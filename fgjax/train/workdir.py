@@ -59,7 +59,7 @@ ADDED = {"eval.tta": "none", "data.pseudo_labels": "", "model.kwargs.attn": None
          "data.text_dir": "", "data.allow_missing_text": False, "data.text.enabled": False,
          "data.text.max_phrases": 16, "data.text.max_words": 6,
          "data.text.train_sentences": "sample", "data.text.eval_sentences": "all",
-         "data.text.min_count": 1, "data.text.vocab": ""}
+         "data.text.min_count": 1, "data.text.vocab": "", "data.text.train_drop": 0.0}
 _FGJAX_ENTRIES = ("config.json", "checkpoints", "teacher")
 _MAX_LISTED = 12
 
