@@ -176,6 +176,7 @@ def test_evaluate_on_embeddings_fits_on_train_only(members, monkeypatch):
 
   class NoEmbedding:  # a model whose aux has no pre_logits (RA-CNN's)
     num_classes = 4
+    text = None  # the method protocol's text encoder: this one reads no text
 
     def model_inputs(self, batch):
       return (batch["image"],)
