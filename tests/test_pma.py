@@ -55,6 +55,27 @@ def test_text_fields_in_batches_leave_the_images_unchanged():
   np.testing.assert_array_equal(ev1["phrases"][0], first.encode(src.texts(0)[0])[0])
 
 
+def test_text_fields_do_not_depend_on_processes_or_workers():
+  """Each process's rows (and a grain worker's batches, with the pickled encoder) carry the
+  phrases the single-process loader gives the same examples."""
+  cfg = _synthetic()
+  src = setup.get_source(cfg, "train")
+  vocab = fgtext.Vocabulary.build(src.texts(i) for i in range(len(src)))
+  enc = fgtext.TextEncoder(vocab, 16, 6, train_sentences="sample")
+  kw = dict(global_batch_size=16, image_size=64, resize_size=72, seed=3, text=enc)
+  one = next(iter(fgdata.make_train_loader(src, **kw)))
+  by_id = {int(i): (p, m) for i, p, m in zip(one["id"], one["phrases"], one["phrase_mask"])}
+  for p in range(2):
+    part = next(iter(fgdata.make_train_loader(src, shard_index=p, shard_count=2, **kw)))
+    for i, ph, m in zip(part["id"], part["phrases"], part["phrase_mask"]):
+      np.testing.assert_array_equal(ph, by_id[int(i)][0])
+      np.testing.assert_array_equal(m, by_id[int(i)][1])
+  with fgdata.make_train_loader(src, worker_count=1, **kw) as loader:
+    worker = next(iter(loader))
+  np.testing.assert_array_equal(worker["phrases"], one["phrases"])
+  np.testing.assert_array_equal(worker["image"], one["image"])
+
+
 def test_a_source_without_text_is_refused_naming_the_key(tmp_path):
   fake = fx.make_fake_folder(tmp_path / "f")
   src = fgdata.get_source("folder", "train", fake.data_dir)
