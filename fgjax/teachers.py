@@ -59,7 +59,8 @@ def load_predictions(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
     return f["ids"], f["logits"], meta
 
 
-def _resize_for(images, size):
+def resize_for(images, size):
+  """`images` (B, H, W, C) resized on the device to a teacher's square input `size`."""
   if images.shape[1:3] == (size, size):
     return images
   return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bilinear")
@@ -79,21 +80,12 @@ def make_teacher(tcfg, mesh, train_source, restore):
     size = int(model.img_size if isinstance(model.img_size, int) else model.img_size[0])
 
     def fn(variables, batch):
-      logits, _ = model.apply(variables, _resize_for(batch["image"], size), train=False)
+      logits, _ = model.apply(variables, resize_for(batch["image"], size), train=False)
       return jnp.argmax(logits, -1).astype(jnp.int32)
     return fn, jax.device_put(variables, repl), desc
   if preds:
-    ids, logits, meta = load_predictions(preds)
-    if logits.shape[-1] != num_classes:
-      raise TeacherError(f"config.teacher.predictions: {preds} has {logits.shape[-1]} classes, "
-                         f"the training data has {num_classes}")
-    train_ids = np.asarray(train_source.ids, np.int64)
-    missing = np.setdiff1d(train_ids, ids)
-    if missing.size:
-      raise TeacherError(f"config.teacher.predictions: {preds} lacks {missing.size} of the "
-                         f"{train_ids.size} training ids (e.g. {missing[:5].tolist()}); export it "
-                         f"from the same dataset and split")
-    table = np.full(int(max(ids.max(), train_ids.max())) + 1, -1, np.int32)
+    ids, logits, meta, size = predictions_for(preds, train_source)
+    table = np.full(size, -1, np.int32)
     table[ids] = np.argmax(logits, -1)
 
     def fn(table, batch):
@@ -103,16 +95,42 @@ def make_teacher(tcfg, mesh, train_source, restore):
   raise TeacherError("config.teacher: set checkpoint or predictions")
 
 
+def predictions_for(path: str, train_source):
+  """(ids, logits, meta, table size) of an export_teacher file checked against the training
+  data: the same number of classes, every training id present; a table indexed by example id
+  needs `table size` rows."""
+  num_classes = int(train_source.num_classes)
+  ids, logits, meta = load_predictions(path)
+  if logits.shape[-1] != num_classes:
+    raise TeacherError(f"config.teacher.predictions: {path} has {logits.shape[-1]} classes, "
+                       f"the training data has {num_classes}")
+  train_ids = np.asarray(train_source.ids, np.int64)
+  missing = np.setdiff1d(train_ids, ids)
+  if missing.size:
+    raise TeacherError(f"config.teacher.predictions: {path} lacks {missing.size} of the "
+                       f"{train_ids.size} training ids (e.g. {missing[:5].tolist()}); export it "
+                       f"from the same dataset and split")
+  return ids, logits, meta, int(max(ids.max(), train_ids.max())) + 1
+
+
+def restore_teacher(path: str, num_classes: int, mesh, restore):
+  """(model, method, variables, description) of a teacher workdir (through `restore`), its
+  class count checked against the training data."""
+  cfg, model, method, variables, info = restore(path, mesh=mesh)
+  if model.num_classes != num_classes:
+    raise TeacherError(f"config.teacher.checkpoint: {path} has {model.num_classes} classes, "
+                       f"the training data has {num_classes}")
+  return model, method, variables, (f"{cfg.model.name} ({cfg.get('method', 'classifier')}) "
+                                    f"from {path} ({info['checkpoint']} checkpoint, step "
+                                    f"{info['step']})")
+
+
 def load_teacher_model(path: str, num_classes: int, mesh, restore):
   """(model, variables, description) from an fgjax workdir (through `restore`) or an fgjax
   params `.npz`."""
   if os.path.isdir(path):
-    cfg, model, _, variables, info = restore(path, mesh=mesh)
-    if model.num_classes != num_classes:
-      raise TeacherError(f"config.teacher.checkpoint: {path} has {model.num_classes} classes, "
-                         f"the training data has {num_classes}")
-    return model, variables, (f"{cfg.model.name} from {path} ({info['checkpoint']} checkpoint, "
-                              f"step {info['step']})")
+    model, _, variables, desc = restore_teacher(path, num_classes, mesh, restore)
+    return model, variables, desc
   if not os.path.exists(path):
     raise FileNotFoundError(f"config.teacher.checkpoint: {path} not found")
   meta = convert.read_meta(path) if path.endswith(".npz") else {}

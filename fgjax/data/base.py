@@ -103,7 +103,7 @@ class SubsetSource(Source):
     self.labels = np.asarray(parent.labels)[self.indices]
     self.box_shapes = parent.box_shapes
     self.part_names, self.part_flip = parent.part_names, parent.part_flip
-    self.has_text = bool(getattr(parent, "has_text", False))
+    self.has_text = parent.has_text
 
   def get(self, i, min_size=None, decoder="opencv"):
     return self.parent.get(int(self.indices[i]), min_size, decoder)

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fgjax import text
 from fgjax.data.base import DatasetError, DatasetNotFoundError, Source, _check_labels
 from fgjax.data.images import BadImageError, read_image
 
@@ -175,15 +176,11 @@ class FileSource(Source):
 TEXT_FOLDER = "text_c10"  # Reed et al. 2016's CUB descriptions (cvpr2016_cub.tar.gz)
 
 
-def _sentences(content: str) -> list[str]:
-  return [line.strip() for line in content.splitlines() if line.strip()]
-
-
 def _read_description(path: str):
   """The sentences of a description file, or None when it is missing."""
   try:
     with open(path, encoding="utf-8", errors="replace") as f:
-      return _sentences(f.read())
+      return text.sentences(f.read())
   except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
     return None
 

@@ -64,7 +64,11 @@ class SoftTeacher(Helper):
     num_classes = int(env.train_source.num_classes)
     ckpt, preds = self.tcfg.get("checkpoint"), self.tcfg.get("predictions")
     if ckpt:
-      if not os.path.isdir(ckpt):
+      method = None
+      if os.path.isdir(ckpt):
+        model, method, variables, desc = teachers.restore_teacher(ckpt, num_classes, env.mesh,
+                                                                  env.restore)
+      else:
         from fgjax import convert
         meta = convert.read_meta(ckpt) if ckpt.endswith(".npz") and os.path.exists(ckpt) else {}
         if str(meta.get("model", "")).startswith("pma_"):
@@ -73,28 +77,19 @@ class SoftTeacher(Helper):
                            f"teacher's workdir (it holds vocab.txt)")
         model, variables, desc = teachers.load_teacher_model(ckpt, num_classes, env.mesh,
                                                              env.restore)
-        method = None
-      else:
-        cfg, model, method, variables, info = env.restore(ckpt, mesh=env.mesh)
-        if model.num_classes != num_classes:
-          raise teachers.TeacherError(f"config.teacher.checkpoint: {ckpt} has "
-                                      f"{model.num_classes} classes, the training data has "
-                                      f"{num_classes}")
-        desc = (f"{cfg.model.name} ({cfg.get('method', 'classifier')}) from {ckpt} "
-                f"({info['checkpoint']} checkpoint, step {info['step']})")
       size = int(model.img_size if isinstance(model.img_size, int) else model.img_size[0])
       remap = None
       if method is not None and method.text is not None:
         if env.text is None:
           raise ValueError(f"config.data.text.enabled: the teacher {ckpt} reads text "
-                           f"({cfg.model.name}); the student's batches must carry it "
+                           f"({type(model).__name__}); the student's batches must carry it "
                            f"(data.text.enabled=True, the teacher's data.text_dir)")
         remap = vocabulary_map(env.text.vocab, method.text.vocab)
         desc += f", text through its {len(method.text.vocab)}-word vocabulary"
 
       def fn(inputs, batch):
         variables, table = inputs
-        b = dict(batch, image=teachers._resize_for(batch["image"], size))
+        b = dict(batch, image=teachers.resize_for(batch["image"], size))
         if table is not None and "phrases" in b:
           b["phrases"] = table[b["phrases"]]
         else:
@@ -106,19 +101,8 @@ class SoftTeacher(Helper):
       table = None if remap is None else jnp.asarray(remap)
       return fn, jax.device_put((variables, table), repl), desc + f", T={t:g}"
     if preds:
-      ids, logits, meta = teachers.load_predictions(preds)
-      if logits.shape[-1] != num_classes:
-        raise teachers.TeacherError(f"config.teacher.predictions: {preds} has "
-                                    f"{logits.shape[-1]} classes, the training data has "
-                                    f"{num_classes}")
-      train_ids = np.asarray(env.train_source.ids, np.int64)
-      missing = np.setdiff1d(train_ids, ids)
-      if missing.size:
-        raise teachers.TeacherError(
-            f"config.teacher.predictions: {preds} lacks {missing.size} of the "
-            f"{train_ids.size} training ids (e.g. {missing[:5].tolist()}); export it from the "
-            f"same dataset and split")
-      table = np.zeros((int(max(ids.max(), train_ids.max())) + 1, num_classes), np.float32)
+      ids, logits, meta, size = teachers.predictions_for(preds, env.train_source)
+      table = np.zeros((size, num_classes), np.float32)
       table[ids] = np.asarray(soft_targets(jnp.asarray(logits), t))
 
       def fn(table, batch):

@@ -240,7 +240,7 @@ class PseudoLabelSource(Source):
     self.class_names = list(train.class_names)
     self.box_shapes = train.box_shapes
     self.part_names, self.part_flip = train.part_names, train.part_flip
-    self.has_text = bool(getattr(train, "has_text", False))  # pseudo rows: their split's text
+    self.has_text = train.has_text  # pseudo rows: their split's text
     self.pseudo = list(labels)
     self.id_start = int(id_start)
     self.transductive_images = 0  # how many rows are test-split images (`add_to_train`)
@@ -285,7 +285,7 @@ class PseudoLabelSource(Source):
     if i < len(self.train):
       return self.train.texts(i)
     src, k = self._refs[i - len(self.train)]
-    return src.texts(k) if k is not None and getattr(src, "has_text", False) else []
+    return src.texts(k) if k is not None and src.has_text else []
 
   def get(self, i, min_size=None, decoder="opencv"):
     i = int(i)
@@ -306,7 +306,7 @@ class PseudoLabelSource(Source):
       return img, rec
     img, got = src.get(k, min_size, decoder)  # the split's boxes and parts are not carried
     if self.has_text:
-      t = got.get("text", []) if getattr(src, "has_text", False) else []
+      t = got.get("text", []) if src.has_text else []
       rec["text"] = [t] if isinstance(t, str) else list(t)
     return img, rec
 

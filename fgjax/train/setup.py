@@ -276,11 +276,15 @@ def build_model(config, num_classes: int, vocab_size: int | None = None):
   return models.create(mcfg.name, num_classes=num_classes, img_size=mcfg.img_size, **kwargs)
 
 
+def _method_class(config):
+  return fgmethods.method_class(config.get("method", "classifier"),
+                                config.get("method_import_resolved"))
+
+
 def build(config, num_classes: int, text=None):
   """(model, method) for `config`; `text` (the run's `text_encoder`) becomes `method.text`, and
   a method whose model reads text (`Method.reads_text`) gets a model sized to its vocabulary."""
-  cls = fgmethods.method_class(config.get("method", "classifier"),
-                               config.get("method_import_resolved"))
+  cls = _method_class(config)
   vocab_size = len(text.vocab) if (text is not None and cls.reads_text) else None
   model = build_model(config, num_classes, vocab_size)
   method = fgmethods.get_method(config, model, num_classes)
@@ -442,10 +446,8 @@ def restore_model(workdir: str, prefer: str = "best", mesh=None, num_classes=Non
     num_classes = int(config.get("num_classes_resolved", 0) or 0) or None
   if num_classes is None:
     raise ValueError(f"{workdir}/config.json lacks num_classes_resolved")
-  cls = fgmethods.method_class(config.get("method", "classifier"),
-                               config.get("method_import_resolved"))
   text = None
-  if cls.reads_text:
+  if _method_class(config).reads_text:
     text = text_encoder(config, workdir)
   elif text_enabled(config):  # an image-only model (a distilled student): no text at inference
     with config.unlocked():
